@@ -1,0 +1,22 @@
+"""MS-Temba: Multi-Scale Temporal Mamba for dense temporal action detection in long videos.
+
+    import ms_temba
+    model = ms_temba.create_model("ms_temba", in_dim=768)   # CLIP features
+    out = model(features, mask)                             # ms_temba.MSTembaOutput
+
+The losses and metrics live in the submodules `ms_temba.losses` and `ms_temba.metrics` (import
+them explicitly); the scan and conv kernels in `ms_temba.ops`.
+"""
+
+from ms_temba.model import MSTemba, MSTembaConfig, MSTembaOutput, model_summary
+from ms_temba.registry import create_model, list_models, register_model
+
+__all__ = [
+    "MSTemba",
+    "MSTembaConfig",
+    "MSTembaOutput",
+    "create_model",
+    "list_models",
+    "model_summary",
+    "register_model",
+]

@@ -1,0 +1,193 @@
+"""The bidirectional Mamba mixer MS-Temba is built from.
+
+`BiMamba` is Vision Mamba's "bimamba v2" mixer (the one the official MS-Temba release uses): one
+input projection and one output projection shared by two selective-SSM scans, a forward scan over
+the sequence and a backward scan over the time-reversed sequence, each with its own short causal
+convolution and its own SSM parameters. The backward direction is what lets a frame see the
+future; averaging the two directions keeps the output scale of a unidirectional Mamba.
+
+Parameter names follow mamba_ssm's `Mamba` (with the `_b` suffix of Vim for the backward
+direction) so that release checkpoints load without renaming.
+
+Padding. Batches of videos of different lengths are padded at the end, and a padded frame must
+never change what a real frame computes. The forward scan is causal, so trailing padding is
+harmless there. The backward scan, however, reads the padding *first*; three things would leak it
+into real frames: the features of padded frames, the causal conv's bias (the conv output at a
+padded frame is silu(bias) even for zero input), and the SSM state those produce. Zeroing the
+in_proj output at padded frames (before the conv) and the post-conv activation u at padded frames
+(before the scan) keeps the backward state exactly zero until the first real frame: with u = 0 the
+recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t stays at h = 0, and B_t, C_t (linear in u,
+no bias) are zero too. A real frame then sees exactly what it would see at the start of the
+unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ms_temba import ops
+
+__all__ = ["RMSNorm", "BiMamba"]
+
+
+class RMSNorm(nn.RMSNorm):
+    """Root-mean-square layer norm with a learned scale and no bias, eps 1e-5 as in mamba_ssm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The SSM parameters A, D and the dt bias are kept in (at least) fp32, as mamba_ssm does,
+    because exp(delta * A) over long sequences is sensitive to their precision."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class BiMamba(nn.Module):
+    """Bidirectional Mamba mixer: (batch, length, d_model) -> (batch, length, d_model).
+
+    Args:
+        d_model: width of the residual stream.
+        d_state: SSM state size N per channel.
+        d_conv: kernel width of the causal depthwise convolution.
+        expand: d_inner = expand * d_model channels inside the mixer.
+        dt_min, dt_max: the initial step sizes softplus(dt bias) are log-uniform in this range.
+        dt_init_floor: lower clamp of the initial step sizes.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+
+        # Shared by both directions: x (the SSM input) and z (the gate) come out of one projection.
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        # Forward direction.
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = self._make_direction()
+        # Backward direction (runs on the flipped sequence).
+        self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._make_direction()
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    def _make_direction(self):
+        """The per-direction modules and parameters, in mamba_ssm's shapes."""
+        conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner, bias=True
+        )
+        x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        D = nn.Parameter(torch.empty(self.d_inner))
+        # The trainer leaves these out of weight decay (mamba_ssm's convention).
+        A_log._no_weight_decay = True
+        D._no_weight_decay = True
+        return conv1d, x_proj, dt_proj, A_log, D
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_simple's initialisation, for both directions. in_proj, out_proj, x_proj and the
+        convs keep PyTorch's default initialisation, as in mamba_simple."""
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        directions = [
+            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+        ]
+        for conv1d, x_proj, dt_proj, A_log, D in directions:
+            conv1d.reset_parameters()
+            x_proj.reset_parameters()
+            # dt_proj maps a rank-dt_rank code to d_inner step sizes; this scale preserves the
+            # variance of its output at initialisation.
+            bound = self.dt_rank**-0.5
+            nn.init.uniform_(dt_proj.weight, -bound, bound)
+            # The bias is set so that the initial step sizes softplus(bias) are log-uniform in
+            # [dt_min, dt_max]; inverse softplus: bias = dt + log(1 - exp(-dt)).
+            log_dt = torch.empty(self.d_inner).uniform_(math.log(self.dt_min), math.log(self.dt_max))
+            dt = log_dt.exp().clamp(min=self.dt_init_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            dt_proj.bias._no_reinit = True  # model-level inits must leave this bias alone
+            # S4D-real: A = -(1, 2, ..., N) for every channel, stored as log(-A).
+            A_log.copy_(torch.arange(1, self.d_state + 1, dtype=A_log.dtype).log().expand_as(A_log))
+            D.fill_(1.0)
+
+    def forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, return_c: bool = False
+    ):
+        """
+        Args:
+            hidden_states: (batch, length, d_model).
+            mask: optional (batch, length) bool, True = real frame, padding only at the end.
+            return_c: also return the input-dependent C sequences of both directions.
+
+        Returns:
+            out (batch, length, d_model), zero at padded frames; with return_c also
+            C (batch, length, 2 * d_state): [C_forward, C_backward] per frame, both in time order,
+            zero at padded frames.
+        """
+        xz = self.in_proj(hidden_states)  # (batch, length, 2 * d_inner)
+        if mask is not None:
+            # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
+            xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
+        xz = xz.transpose(1, 2)  # (batch, 2 * d_inner, length): the layout the scan kernels use
+
+        y_f, c_f = self._scan(
+            xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+        )
+        xz_b = xz.flip(-1)
+        mask_b = None if mask is None else mask.flip(-1)
+        y_b, c_b = self._scan(
+            xz_b, mask_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+        )
+        # Flip the backward direction back into time order and average the two directions.
+        y = (y_f + y_b.flip(-1)) / 2
+        out = self.out_proj(y.transpose(1, 2))
+        if not return_c:
+            return out
+        return out, torch.cat([c_f, c_b.flip(1)], dim=-1)
+
+    def _scan(self, xz, mask, conv1d, x_proj, dt_proj, A_log, D):
+        """One direction: causal conv + selective scan over the sequence in `xz`'s order.
+
+        Returns y (batch, d_inner, length) gated by silu(z), and C (batch, length, d_state).
+        """
+        x, z = xz.chunk(2, dim=1)
+        u = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
+        if mask is not None:
+            # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
+            # exactly zero through the (leading, for the backward scan) padding.
+            u = u.masked_fill(~mask.unsqueeze(1), 0.0)
+        # Input-dependent step size (low rank), B and C: the "selective" part of Mamba.
+        dt_low_rank, B, C = x_proj(u.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = F.linear(dt_low_rank, dt_proj.weight).transpose(1, 2)  # bias added in the scan
+        A = -torch.exp(_at_least_fp32(A_log))
+        y = ops.selective_scan(
+            u,
+            delta,
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            _at_least_fp32(D),
+            z=z,
+            delta_bias=_at_least_fp32(dt_proj.bias),
+            delta_softplus=True,
+        )
+        return y, C

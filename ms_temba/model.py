@@ -1,0 +1,360 @@
+"""MS-Temba: Multi-Scale Temporal Mamba for dense action detection (arXiv 2501.06138).
+
+The network reads per-frame features (batch, time, in_dim) of a long video and predicts, for every
+frame, a logit per action class (several actions can happen at once). Data flow:
+
+    features --proj--> x
+    for block k = 1..K (K = len(widths)):
+        x = projection_k(x)                  Linear + LayerNorm + GELU to width_k
+        x = TLM_k(x)                         depthwise temporal conv, dilation k (optional)
+        x = DTS_k(x)                         Dilated Temporal SSM: the k interleaved sub-sequences
+                                             (frames t = i mod k) each run through their own
+                                             bidirectional-Mamba stack, then are interleaved back
+        block_logits_k = block_heads_k(x)    auxiliary per-block prediction
+    Temba Fuser: sum_k LayerNorm(scale_proj_k(block output k)) -> one bidirectional Mamba layer
+                 (interaction_block) -> head -> logits
+
+Block k thus sees time at a stride of k frames: block 1 models fine-grained local dynamics, later
+blocks longer ranges at the same cost, and the fuser combines the scales.
+
+Module names follow the official release so its checkpoints load 1:1: `blocks` interleaves the
+projections (`blocks.{2k-2}`) and the DTS modules (`blocks.{2k-1}`); block 1's DTS has a single
+branch and the release stores it bare (`blocks.1.layers...`), block k > 1 stores its branches as a
+list (`blocks.{2k-1}.{i}.layers...`). The TLMs are not in the release and live in `tlms`.
+
+Padding: sequences in a batch are padded at the end (mask False). Padded frames are zeroed before
+every operation that mixes frames (the TLM conv, both SSM scans; see mamba.py) and the DTS treats
+the frames it appends to reach a multiple of k as padding too, so a real frame's outputs do not
+depend on the padding or on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ms_temba.mamba import BiMamba, RMSNorm
+
+__all__ = [
+    "MSTembaConfig",
+    "MSTemba",
+    "MSTembaOutput",
+    "BiMambaLayer",
+    "BiMambaStack",
+    "LinearProjection",
+    "TemporalLocalModule",
+    "dilated_temporal_ssm",
+    "model_summary",
+]
+
+
+@dataclasses.dataclass
+class MSTembaConfig:
+    """Hyper-parameters of MS-Temba. The defaults are the paper's (I3D features, Charades)."""
+
+    in_dim: int = 1024  # channels of the input features (I3D: 1024, CLIP ViT-L/14: 768)
+    num_classes: int = 157
+    widths: tuple[int, ...] = (256, 384, 576)  # width of block k; K = len(widths) blocks
+    d_state: int = 16  # SSM state size per channel
+    expand: int = 2  # d_inner = expand * width inside each Mamba mixer
+    d_conv: int = 4  # kernel of the Mamba mixers' causal conv
+    layers_per_branch: int = 1  # Mamba layers in each DTS branch
+    tlm: bool = True  # Temporal Local Module before each DTS (the release has none)
+    tlm_kernel: int = 3
+    dropout: float = 0.0  # on each Mamba layer's residual branch
+
+    def __post_init__(self):
+        positive_ints = ["in_dim", "num_classes", "d_state", "expand", "d_conv", "layers_per_branch",
+                         "tlm_kernel"]
+        for key in positive_ints:
+            setattr(self, key, _positive_int(key, getattr(self, key)))
+        if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
+            raise ValueError(f"MSTembaConfig.widths must be a sequence of ints, got {self.widths!r}")
+        # Tuples so that the config compares, hashes and round-trips through dataclasses.asdict.
+        self.widths = tuple(_positive_int("widths", w) for w in self.widths)
+        if not self.widths:
+            raise ValueError("MSTembaConfig.widths is empty: MS-Temba needs at least one block")
+        if not isinstance(self.tlm, bool):
+            raise ValueError(f"MSTembaConfig.tlm must be a bool, got {self.tlm!r}")
+        if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"MSTembaConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.widths)
+
+
+def _positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"MSTembaConfig.{key} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class MSTembaOutput(NamedTuple):
+    """What `MSTemba.forward` returns.
+
+    logits: (batch, time, num_classes), the fused prediction.
+    block_logits: K tensors (batch, time, num_classes), the per-block auxiliary predictions.
+    branch_c: K tensors (batch, k, ceil(time / k), 2 * d_state): for block k, the C sequences of the
+        last Mamba layer of each of its k branches (forward and backward direction concatenated, in
+        time order), zero at padded frames. Sub-sequence i of block k holds frames i, i+k, i+2k...
+    mask: (batch, time) bool, True = real frame.
+    """
+
+    logits: torch.Tensor
+    block_logits: list[torch.Tensor]
+    branch_c: list[torch.Tensor]
+    mask: torch.Tensor
+
+
+class LinearProjection(nn.Module):
+    """Linear + LayerNorm + GELU: maps the residual stream to the next block's width."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.linear(x)))
+
+
+class TemporalLocalModule(nn.Module):
+    """Residual depthwise temporal convolution with dilation k: x + conv(x).
+
+    With dilation k the kernel reads frames t - k, t, t + k (for kernel 3), the same frames that
+    share a DTS branch in block k, so it adds local context within each sub-sequence before the
+    SSM. Padded frames are zeroed first so they act like the conv's own zero padding.
+    """
+
+    def __init__(self, width: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv1d(
+            width, width, kernel_size, dilation=dilation, padding="same", groups=width
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class BiMambaLayer(nn.Module):
+    """Pre-norm residual layer: x + dropout(BiMamba(RMSNorm(x)))."""
+
+    def __init__(self, width: int, d_state: int, d_conv: int, expand: int, dropout: float):
+        super().__init__()
+        self.norm = RMSNorm(width)
+        self.mixer = BiMamba(width, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None):
+        mixed, c = self.mixer(self.norm(x), mask, return_c=True)
+        return x + self.dropout(mixed), c
+
+
+class BiMambaStack(nn.Module):
+    """`depth` BiMamba layers and a final RMSNorm of the residual stream (the release's
+    VisionMamba with bimamba v2). One DTS branch, and the fuser's interaction block.
+
+    forward(x, mask) -> (out (batch, length, width), C of the last layer (batch, length, 2*d_state)).
+    """
+
+    def __init__(self, width: int, depth: int, d_state: int, d_conv: int, expand: int,
+                 dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [BiMambaLayer(width, d_state, d_conv, expand, dropout) for _ in range(depth)]
+        )
+        self.norm_f = RMSNorm(width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None):
+        for layer in self.layers:
+            x, c = layer(x, mask)
+        return self.norm_f(x), c
+
+
+def dilated_temporal_ssm(x: torch.Tensor, mask: torch.Tensor, branches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dilated Temporal SSM: run sub-sequence i (frames t = i mod k) through `branches[i]`.
+
+    Args:
+        x: (batch, time, width); mask: (batch, time) bool; branches: k BiMambaStack modules.
+
+    Returns:
+        out (batch, time, width) with each frame's output from its own branch, and
+        C (batch, k, ceil(time / k), 2 * d_state) of the branches' last layers.
+    """
+    k = len(branches)
+    batch, length, width = x.shape
+    # Pad to a multiple of k so that the k sub-sequences have equal length; the appended frames
+    # are padding for the branches (mask False), which are exact about padding.
+    sub_length = math.ceil(length / k)
+    pad = sub_length * k - length
+    x = F.pad(x, (0, 0, 0, pad))
+    mask = F.pad(mask, (0, pad), value=False)
+    # Frame t = j * k + i lands in row j, column i: column i is sub-sequence i.
+    x = x.reshape(batch, sub_length, k, width)
+    mask = mask.reshape(batch, sub_length, k)
+    outs, cs = zip(*(branch(x[:, :, i], mask[:, :, i]) for i, branch in enumerate(branches)))
+    out = torch.stack(outs, dim=2).reshape(batch, sub_length * k, width)[:, :length]
+    return out, torch.stack(cs, dim=1)
+
+
+class MSTemba(nn.Module):
+    """The MS-Temba network; see the module docstring. Build it with `ms_temba.create_model`."""
+
+    def __init__(self, config: MSTembaConfig | None = None):
+        super().__init__()
+        config = dataclasses.replace(config) if config is not None else MSTembaConfig()
+        self.config = config
+        widths = config.widths
+
+        def bimamba_stack(width: int, depth: int) -> BiMambaStack:
+            return BiMambaStack(width, depth, config.d_state, config.d_conv, config.expand,
+                                config.dropout)
+
+        self.proj = nn.Linear(config.in_dim, widths[0])
+        self.blocks = nn.ModuleList()
+        previous_width = widths[0]
+        for k, width in enumerate(widths, start=1):
+            self.blocks.append(LinearProjection(previous_width, width))
+            branches = [bimamba_stack(width, config.layers_per_branch) for _ in range(k)]
+            # The release stores a single branch bare and several as a list (see module docstring).
+            self.blocks.append(branches[0] if k == 1 else nn.ModuleList(branches))
+            previous_width = width
+        self.tlms = (
+            nn.ModuleList(
+                [TemporalLocalModule(width, config.tlm_kernel, dilation=k)
+                 for k, width in enumerate(widths, start=1)]
+            )
+            if config.tlm
+            else None
+        )
+        self.block_heads = nn.ModuleList([nn.Linear(width, config.num_classes) for width in widths])
+
+        # Temba Fuser. scale_proj1..K are separate attributes (not a list) as in the release.
+        for k, width in enumerate(widths, start=1):
+            self.add_module(f"scale_proj{k}", nn.Linear(width, widths[-1]))
+        self.norm = nn.LayerNorm(widths[-1])
+        self.interaction_block = bimamba_stack(widths[-1], 1)
+        self.head = nn.Linear(widths[-1], config.num_classes)
+
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """The release's initialisation for the network's own Linear layers (truncated normal,
+        std 0.02, zero bias). The Mamba mixers keep mamba_simple's initialisation: the release
+        also re-initialises their dt_proj, which sets every initial step size to softplus(0)."""
+        inside_mixers = {id(m) for mixer in self.modules() if isinstance(mixer, BiMamba)
+                         for m in mixer.modules()}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module) not in inside_mixers:
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def projection(self, k: int) -> LinearProjection:
+        """Block k's input projection (k = 1..K)."""
+        return self.blocks[2 * k - 2]
+
+    def branches(self, k: int) -> list[BiMambaStack]:
+        """Block k's DTS branches (k = 1..K); branch i handles frames t = i mod k."""
+        dts = self.blocks[2 * k - 1]
+        return [dts] if isinstance(dts, BiMambaStack) else list(dts)
+
+    @property
+    def scale_projs(self) -> list[nn.Linear]:
+        return [getattr(self, f"scale_proj{k}") for k in range(1, self.config.num_blocks + 1)]
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MSTembaOutput:
+        """
+        Args:
+            features: (batch, time, in_dim) float.
+            mask: optional (batch, time) bool, True = real frame, padding only at the end.
+                None = all frames real. What padded frames contain is ignored.
+        """
+        mask = self._check_input(features, mask)
+        x = self.proj(features.masked_fill(~mask.unsqueeze(-1), 0.0))
+
+        block_outputs, branch_c = [], []
+        for k in range(1, self.config.num_blocks + 1):
+            x = self.projection(k)(x)
+            if self.tlms is not None:
+                x = self.tlms[k - 1](x, mask)
+            x, c = dilated_temporal_ssm(x, mask, self.branches(k))
+            block_outputs.append(x)
+            branch_c.append(c)
+        block_logits = [head(out) for head, out in zip(self.block_heads, block_outputs)]
+
+        # Temba Fuser: bring every scale to the last width, normalise each with the shared
+        # LayerNorm (so no scale dominates the sum), sum, and let one bidirectional Mamba layer
+        # mix the scales over time.
+        fused = sum(self.norm(proj(out)) for proj, out in zip(self.scale_projs, block_outputs))
+        fused, _ = self.interaction_block(fused, mask)
+        return MSTembaOutput(self.head(fused), block_logits, branch_c, mask)
+
+    def _check_input(self, features, mask) -> torch.Tensor:
+        """Validate the inputs; returns the mask (all True when None)."""
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() != 3:
+            raise ValueError(
+                f"features must be (batch, time, in_dim), got shape {tuple(features.shape)}"
+            )
+        batch, length, channels = features.shape
+        if channels != self.config.in_dim:
+            raise ValueError(
+                f"features have {channels} channels per frame but the model expects "
+                f"in_dim={self.config.in_dim}"
+            )
+        if length == 0:
+            raise ValueError("features have zero frames (time == 0)")
+        if batch == 0:
+            raise ValueError("features have an empty batch (batch == 0)")
+        if not features.is_floating_point():
+            raise ValueError(f"features must be floating point, got dtype {features.dtype}")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=features.device)
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+            if mask.shape != (batch, length):
+                raise ValueError(
+                    f"mask has shape {tuple(mask.shape)} but features need (batch, time) = "
+                    f"{(batch, length)}"
+                )
+            if (mask[:, 1:] & ~mask[:, :-1]).any():
+                raise ValueError("mask has a real frame after a padded one: padding must be at the end")
+        if not torch.isfinite(features).all(dim=-1).logical_or(~mask).all():
+            raise ValueError("features contain NaN or inf at real (unpadded) frames")
+        return mask
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def model_summary(model: MSTemba) -> str:
+    """A table of parameter counts per module, the total, and the total without the TLMs (the
+    size of the release's architecture)."""
+    if not isinstance(model, MSTemba):
+        raise TypeError(f"model_summary expects an MSTemba, got {type(model).__name__}")
+    rows = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            rows += [(f"{name}.{i}", _count(sub)) for i, sub in enumerate(child)]
+        else:
+            rows.append((name, _count(child)))
+    total = _count(model)
+    rows += [("total", total), ("total without TLM", total - _count(model.tlms))]
+    name_width = max(len(name) for name, _ in rows)
+    lines = [f"MSTemba({model.config})"]
+    lines += [f"{name:<{name_width}}  {count:>12,}" for name, count in rows]
+    return "\n".join(lines)
