@@ -1,0 +1,307 @@
+"""ms_temba.ops against independent references.
+
+The references are written here from the recurrence's definition, step by step in float64, and
+differentiated by autograd; the implementation under test runs in float32 with its own backward.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ms_temba import ops
+
+
+def reference_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                             delta_softplus=False):
+    """The selective scan, one time step and one group at a time, in float64.
+
+    Returns (out, last_state). Channel d of dim uses group d // (dim // groups) of B and C.
+    """
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    groups = B.shape[1]
+    per_group = dim // groups
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = torch.log1p(torch.exp(delta))
+    group_of_channel = torch.arange(dim) // per_group
+    B_per_channel = B[:, group_of_channel]  # (batch, dim, state, length)
+    C_per_channel = C[:, group_of_channel]
+    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(delta[:, :, t, None] * A)
+        h = decay * h + delta[:, :, t, None] * B_per_channel[..., t] * u[:, :, t, None]
+        ys.append((h * C_per_channel[..., t]).sum(-1))
+    out = torch.stack(ys, dim=-1)
+    if D is not None:
+        out = out + D.double()[:, None] * u
+    if z is not None:
+        z = z.double()
+        out = out * z / (1 + torch.exp(-z))
+    return out, h
+
+
+def make_scan_inputs(batch, dim, state, length, groups=None, seed=0, with_D=True, with_z=True,
+                     with_delta_bias=True):
+    """Float32 inputs in the ranges a Mamba block produces (A < 0, delta a positive step)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    bc_shape = (batch, state, length) if groups is None else (batch, groups, state, length)
+    inputs = dict(
+        u=randn(batch, dim, length),
+        delta=0.5 * randn(batch, dim, length) - 1.0,
+        A=-torch.exp(0.5 * randn(dim, state)),
+        B=randn(*bc_shape),
+        C=randn(*bc_shape),
+        D=randn(dim) if with_D else None,
+        z=randn(batch, dim, length) if with_z else None,
+        delta_bias=0.2 * randn(dim) if with_delta_bias else None,
+    )
+    return inputs
+
+
+def relative_error(actual, expected):
+    """Norm-relative error ||actual - expected|| / ||expected|| in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def check_against_reference(inputs, delta_softplus, chunk_length=None, tolerance=1e-5):
+    differentiable = {k: v for k, v in inputs.items() if v is not None}
+    ours = {k: v.clone().requires_grad_() for k, v in differentiable.items()}
+    ref = {k: v.double().requires_grad_() for k, v in differentiable.items()}
+
+    out, last_state = ops.selective_scan(**ours, delta_softplus=delta_softplus,
+                                         return_last_state=True, chunk_length=chunk_length)
+    ref_out, ref_last_state = reference_selective_scan(**ref, delta_softplus=delta_softplus)
+    assert out.dtype == torch.float32 and out.shape == inputs["u"].shape
+    assert relative_error(out, ref_out) <= tolerance
+    assert relative_error(last_state, ref_last_state) <= tolerance
+
+    # A generic upstream gradient, so every output element matters.
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123))
+    (out * grad_out).sum().backward()
+    (ref_out * grad_out.double()).sum().backward()
+    for name in differentiable:
+        error = relative_error(ours[name].grad, ref[name].grad)
+        assert error <= tolerance, f"grad of {name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("length", [1, 7, 129, 1000])
+def test_full_scan_matches_reference(length):
+    inputs = make_scan_inputs(batch=2, dim=6, state=4, length=length, seed=length)
+    check_against_reference(inputs, delta_softplus=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(with_D=False, with_z=False, with_delta_bias=False),
+        dict(with_D=True, with_z=False, with_delta_bias=False),
+        dict(with_D=False, with_z=True, with_delta_bias=True),
+    ],
+    ids=["bare", "D-only", "z-and-bias"],
+)
+@pytest.mark.parametrize("delta_softplus", [False, True])
+def test_optional_inputs(options, delta_softplus):
+    inputs = make_scan_inputs(batch=2, dim=5, state=3, length=37, **options)
+    if not delta_softplus:
+        # Without the softplus the step must already be positive, as in a real Mamba block.
+        inputs["delta"] = inputs["delta"].abs()
+        if inputs["delta_bias"] is not None:
+            inputs["delta_bias"] = inputs["delta_bias"].abs()
+    check_against_reference(inputs, delta_softplus=delta_softplus)
+
+
+@pytest.mark.parametrize("length", [7, 129])
+def test_grouped_B_C(length):
+    inputs = make_scan_inputs(batch=2, dim=6, state=4, length=length, groups=3, seed=5)
+    check_against_reference(inputs, delta_softplus=True)
+
+
+@pytest.mark.parametrize("chunk_length,length", [(1, 9), (4, 30), (16, 129), (64, 1000)])
+def test_chunked_scan_with_partial_last_chunk(chunk_length, length):
+    inputs = make_scan_inputs(batch=1, dim=4, state=3, length=length, groups=2, seed=7)
+    check_against_reference(inputs, delta_softplus=True, chunk_length=chunk_length)
+
+
+def test_default_chunk_length_is_module_constant(monkeypatch):
+    # A length that is not a multiple of the default chunk, run through the default code path.
+    monkeypatch.setattr(ops, "SCAN_CHUNK_LENGTH", 5)
+    inputs = make_scan_inputs(batch=1, dim=3, state=2, length=23, seed=3)
+    check_against_reference(inputs, delta_softplus=True)
+
+
+def test_return_last_state_is_the_final_state():
+    inputs = make_scan_inputs(batch=2, dim=4, state=3, length=50, seed=11)
+    out_only = ops.selective_scan(**inputs, delta_softplus=True)
+    out, last_state = ops.selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    assert torch.equal(out_only, out)
+    assert last_state.shape == (2, 4, 3)
+    # Scanning one more step with C = e_n reads the state out: y = h[n] exactly when the extra
+    # step has delta such that the decay is 1 and the input is 0 (delta = 0, no softplus).
+    _, ref_state = reference_selective_scan(**inputs, delta_softplus=True)
+    assert relative_error(last_state, ref_state) <= 1e-5
+
+
+def test_float64_inputs_are_computed_in_float64():
+    inputs = {k: (v.double() if v is not None else None)
+              for k, v in make_scan_inputs(batch=1, dim=3, state=2, length=40).items()}
+    out = ops.selective_scan(**inputs, delta_softplus=True)
+    ref_out, _ = reference_selective_scan(**inputs, delta_softplus=True)
+    assert out.dtype == torch.float64
+    assert relative_error(out, ref_out) <= 1e-12
+
+
+def test_non_contiguous_inputs():
+    inputs = make_scan_inputs(batch=2, dim=4, state=3, length=20, seed=2)
+    # (batch, length, dim) storage viewed as (batch, dim, length), as a Mamba block produces.
+    transposed = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z")
+                      else v) for k, v in inputs.items()}
+    assert not transposed["u"].is_contiguous()
+    check_against_reference(transposed, delta_softplus=True)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(u=torch.zeros(2, 4)), "u must be"),
+        (dict(delta=torch.zeros(2, 4, 9)), "delta must"),
+        (dict(A=torch.zeros(5, 3)), "A must be"),
+        (dict(A=torch.zeros(4, 3, dtype=torch.complex64)), "complex"),
+        (dict(B=torch.zeros(2, 3, 9)), "B must have shape"),
+        (dict(B=torch.zeros(3, 8)), "B must be"),
+        (dict(C=torch.zeros(2, 2, 3, 8)), "groups"),
+        (dict(B=torch.zeros(2, 3, 3, 8), C=torch.zeros(2, 3, 3, 8)), "divisible"),
+        (dict(D=torch.zeros(5)), "D must be"),
+        (dict(delta_bias=torch.zeros(4, 1)), "delta_bias must be"),
+        (dict(z=torch.zeros(2, 4, 7)), "z must"),
+        (dict(u=torch.zeros(2, 4, 8, dtype=torch.int64)), "floating-point"),
+        (dict(u=torch.zeros(2, 4, 0), delta=torch.zeros(2, 4, 0), B=torch.zeros(2, 3, 0),
+              C=torch.zeros(2, 3, 0)), "length is 0"),
+    ],
+)
+def test_bad_shapes_raise_value_error(change, message):
+    inputs = make_scan_inputs(batch=2, dim=4, state=3, length=8)
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        ops.selective_scan(**inputs)
+
+
+def test_bad_chunk_length_raises():
+    inputs = make_scan_inputs(batch=1, dim=2, state=2, length=4)
+    with pytest.raises(ValueError, match="chunk_length"):
+        ops.selective_scan(**inputs, chunk_length=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_conv1d
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_causal_conv1d(x, weight, bias, activation):
+    """Explicit loop: out[b, d, t] = bias[d] + sum_k weight[d, k] x[b, d, t - width + 1 + k]."""
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = torch.zeros(batch, dim, length, dtype=torch.float64)
+    for t in range(length):
+        for k in range(width):
+            source = t - (width - 1) + k
+            if source >= 0:
+                out[:, :, t] += weight[:, k].double() * x[:, :, source].double()
+    if bias is not None:
+        out += bias.double()[:, None]
+    if activation is not None:
+        out = out * torch.sigmoid(out)
+    return out
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("width,length", [(4, 1), (4, 3), (4, 50), (2, 17)])
+def test_causal_conv1d_matches_loop(activation, with_bias, width, length):
+    g = torch.Generator().manual_seed(width * 100 + length)
+    x = torch.randn(2, 5, length, generator=g)
+    weight = torch.randn(5, width, generator=g)
+    bias = torch.randn(5, generator=g) if with_bias else None
+    out = ops.causal_conv1d(x, weight, bias, activation)
+    expected = reference_causal_conv1d(x, weight, bias, activation)
+    assert out.shape == x.shape
+    assert relative_error(out, expected) <= 1e-6
+
+
+def test_causal_conv1d_is_causal():
+    # Changing the input at time s must leave every output before s unchanged.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 20, generator=g)
+    weight = torch.randn(3, 4, generator=g)
+    changed = x.clone()
+    changed[:, :, 12] += 1.0
+    a, b = ops.causal_conv1d(x, weight), ops.causal_conv1d(changed, weight)
+    assert torch.equal(a[..., :12], b[..., :12])
+    assert not torch.equal(a[..., 12:16], b[..., 12:16])
+
+
+def test_causal_conv1d_gradients_flow():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.causal_conv1d(*a, activation="silu"),
+                                    (x, weight, bias))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((torch.zeros(2, 3), torch.zeros(3, 4)), "x must be"),
+        ((torch.zeros(2, 3, 5), torch.zeros(4, 4)), "weight must be"),
+        ((torch.zeros(2, 3, 5), torch.zeros(3, 4), torch.zeros(4)), "bias must be"),
+        ((torch.zeros(2, 3, 5), torch.zeros(3, 4), None, "relu"), "activation"),
+    ],
+)
+def test_causal_conv1d_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        ops.causal_conv1d(*args)
+
+
+def test_has_cuda_kernels_is_bool():
+    assert isinstance(ops.HAS_CUDA_KERNELS, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the CUDA kernels against the CPU path
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
+                    reason="needs CUDA and the mamba_ssm / causal_conv1d kernels")
+def test_cuda_kernels_match_cpu_path():
+    inputs = make_scan_inputs(batch=2, dim=64, state=16, length=300, groups=1, seed=4)
+    cpu = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    gpu = {k: v.cuda().requires_grad_() for k, v in inputs.items()}
+    out_cpu, state_cpu = ops.selective_scan(**cpu, delta_softplus=True, return_last_state=True)
+    out_gpu, state_gpu = ops.selective_scan(**gpu, delta_softplus=True, return_last_state=True)
+    assert relative_error(out_gpu.cpu(), out_cpu) <= 1e-4
+    assert relative_error(state_gpu.cpu(), state_cpu) <= 1e-4
+    grad_out = torch.randn(out_cpu.shape)
+    (out_cpu * grad_out).sum().backward()
+    (out_gpu * grad_out.cuda()).sum().backward()
+    for name in inputs:
+        assert relative_error(gpu[name].grad.cpu(), cpu[name].grad) <= 1e-3, name
+
+    x = torch.randn(2, 64, 100)
+    weight, bias = torch.randn(64, 4), torch.randn(64)
+    conv_cpu = ops.causal_conv1d(x, weight, bias, "silu")
+    conv_gpu = ops.causal_conv1d(x.cuda(), weight.cuda(), bias.cuda(), "silu")
+    assert relative_error(conv_gpu.cpu(), conv_cpu) <= 1e-5
