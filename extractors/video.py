@@ -1,0 +1,164 @@
+"""Video decoding: decord reads the compressed file directly and hands out resized RGB frames in chunks.
+
+Nothing here writes frames to disk or calls the ffmpeg CLI. Frames come out as bounded chunks
+(at most `chunk_frames` at a time), so an hour-long video never sits in memory whole.
+
+Frame sampling rule (`target_fps`): output frame k has the nominal time t_k = k / target_fps and
+shows the native frame nearest to it, i_k = floor(t_k * native_fps + 1/2), for every k whose i_k
+is a frame of the video. With target_fps=None every native frame is returned (i_k = k). The
+returned `times_s` are the nominal times t_k (for native sampling, k / native_fps), so features
+sit on a regular time grid; they differ from the shown frame's time by at most half a native frame.
+We assume a constant frame rate, as decord's own frame indexing does.
+
+Resizing: the short side is scaled to `size` (long side rounded to the nearest pixel, aspect ratio
+kept) by decord itself (FFmpeg's scaler, passed as VideoReader width/height), then the centre
+size x size square is cropped.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+try:  # decord's error type is not a RuntimeError subclass; catch it by name.
+    from decord._ffi.base import DECORDError
+except ImportError:  # pragma: no cover - decord is a hard dependency, this keeps the module importable
+    DECORDError = RuntimeError
+
+# Everything decord (or the OS underneath it) raises for an unreadable or broken file.
+_DECODE_FAILURES = (DECORDError, RuntimeError, OSError, ValueError, IndexError)
+
+
+class VideoDecodeError(Exception):
+    """A video that cannot be opened or decoded; `.path` names the file and `.reason` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot decode video {self.path}: {reason}")
+
+    def __reduce__(self):  # keep (path, reason) across pickling, e.g. when Ray ships the error back
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int  # number of frames decord indexes
+    fps: float  # average frame rate
+    duration: float  # seconds, frames / fps
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    frames: np.ndarray  # uint8 (n, size, size, 3), RGB
+    times_s: np.ndarray  # float64 (n,), nominal sample times in seconds (see module docstring)
+
+
+def _open(path: str | os.PathLike, width: int = -1, height: int = -1):
+    """A decord VideoReader on `path`, with every failure turned into a VideoDecodeError."""
+    import decord
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "file is empty (0 bytes)")
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+    except _DECODE_FAILURES as error:
+        raise VideoDecodeError(path, f"cannot open: {_first_line(error)}") from error
+    if len(reader) == 0:
+        raise VideoDecodeError(path, "no video frames")
+    fps = reader.get_avg_fps()
+    if not (fps > 0 and math.isfinite(fps)):
+        raise VideoDecodeError(path, f"invalid frame rate {fps!r}")
+    return reader
+
+
+def _first_line(error: BaseException) -> str:
+    # decord appends a long C++ stack trace to its messages; the first line says what went wrong.
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Frame count, frame rate, duration and native size of a video (decodes only the first frame)."""
+    reader = _open(path)
+    frames, fps = len(reader), float(reader.get_avg_fps())
+    try:  # decord reports the frame size only through a decoded frame
+        height, width = reader[0].shape[:2]
+    except _DECODE_FAILURES as error:
+        raise VideoDecodeError(path, f"cannot decode the first frame: {_first_line(error)}") from error
+    return VideoInfo(frames=frames, fps=fps, duration=frames / fps, width=int(width), height=int(height))
+
+
+def sample_indices(num_frames: int, native_fps: float, target_fps: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(native frame indices, nominal times in seconds) of the frames sampled at target_fps.
+
+    The rule is in the module docstring: i_k = floor(k * native_fps / target_fps + 1/2), t_k = k / target_fps.
+    """
+    if target_fps is None:
+        indices = np.arange(num_frames, dtype=np.int64)
+        return indices, indices / float(native_fps)
+    # k runs while i_k <= num_frames - 1, i.e. k * native / target + 1/2 < num_frames.
+    count = math.ceil((num_frames - 0.5) * target_fps / native_fps)
+    k = np.arange(max(count, 0), dtype=np.int64)
+    indices = np.floor(k * (native_fps / target_fps) + 0.5).astype(np.int64)
+    keep = indices < num_frames  # guards the floating-point edge of the count above
+    k, indices = k[keep], indices[keep]
+    return indices, k / float(target_fps)
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to `size` and the aspect ratio kept."""
+    if width <= height:
+        return size, max(size, int(math.floor(height * size / width + 0.5)))
+    return max(size, int(math.floor(width * size / height + 0.5))), size
+
+
+def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """The centre size x size square of (n, H, W, C) frames (the extra pixel, if odd, goes to the end)."""
+    height, width = frames.shape[1:3]
+    top, left = (height - size) // 2, (width - size) // 2
+    return frames[:, top:top + size, left:left + size]
+
+
+def iter_frame_chunks(
+    path: str | os.PathLike,
+    target_fps: float | None = None,
+    size: int = 224,
+    chunk_frames: int = 128,
+) -> Iterator[FrameChunk]:
+    """Yield the video's frames, sampled at target_fps, as RGB uint8 (n, size, size, 3) chunks of n <= chunk_frames."""
+    if target_fps is not None and not (target_fps > 0 and math.isfinite(target_fps)):
+        raise ValueError(f"target_fps must be positive or None, got {target_fps!r}")
+    for name, value in (("size", size), ("chunk_frames", chunk_frames)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    path = os.fspath(path)
+    info = probe(path)
+    width, height = resized_shape(info.width, info.height, size)
+    reader = _open(path, width=width, height=height)
+    indices, times = sample_indices(info.frames, info.fps, target_fps)
+    try:
+        for start in range(0, len(indices), chunk_frames):
+            batch = indices[start:start + chunk_frames]
+            try:
+                frames = reader.get_batch(batch.tolist()).asnumpy()
+            except _DECODE_FAILURES as error:
+                raise VideoDecodeError(
+                    path, f"decoding frames {int(batch[0])}..{int(batch[-1])} failed: {_first_line(error)}"
+                ) from error
+            if frames.shape != (len(batch), height, width, 3):
+                raise VideoDecodeError(path, f"decoder returned frames of shape {frames.shape}, "
+                                             f"expected {(len(batch), height, width, 3)}")
+            yield FrameChunk(frames=np.ascontiguousarray(center_crop(frames, size)),
+                             times_s=times[start:start + chunk_frames].astype(np.float64))
+    finally:
+        del reader
