@@ -57,6 +57,6 @@ if [ ! -f "$venv/.ready" ]; then
 fi
 
 # Point the (possibly shared) environment at this clone.
-pip_quiet install --no-deps --no-build-isolation -e "$repo"
+pip_quiet install --no-deps --no-build-isolation --config-settings editable_mode=compat -e "$repo"
 ln -sfn "$venv" "$repo/.venv"
 echo "setup: ready, $repo/.venv -> $venv"
