@@ -11,8 +11,11 @@ sit on a regular time grid; they differ from the shown frame's time by at most h
 We assume a constant frame rate, as decord's own frame indexing does.
 
 Resizing: the short side is scaled to `size` (long side rounded to the nearest pixel, aspect ratio
-kept) by decord itself (FFmpeg's scaler, passed as VideoReader width/height), then the centre
-size x size square is cropped.
+kept) with antialiased bilinear interpolation in torch (the same filter as PIL's BILINEAR resize),
+then the centre size x size square is cropped. decord can resize while decoding (VideoReader
+width/height), but for some output sizes it fails with "DECORDArrayCopyFromTo: The size must
+exactly match" (dmlc/decord#336), so we decode at native size and resize ourselves, in batches
+small enough (`_DECODE_BUDGET_BYTES`) that full-HD frames never pile up in memory.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ try:  # decord's error type is not a RuntimeError subclass; catch it by name.
     from decord._ffi.base import DECORDError
 except ImportError:  # pragma: no cover - decord is a hard dependency, this keeps the module importable
     DECORDError = RuntimeError
+
+# Native-size RGB frames decoded at once, at most (about 64 MiB: 11 full-HD frames, 200 at 320x240).
+_DECODE_BUDGET_BYTES = 64 * 2**20
 
 # Everything decord (or the OS underneath it) raises for an unreadable or broken file.
 _DECODE_FAILURES = (DECORDError, RuntimeError, OSError, ValueError, IndexError)
@@ -59,7 +65,7 @@ class FrameChunk:
     times_s: np.ndarray  # float64 (n,), nominal sample times in seconds (see module docstring)
 
 
-def _open(path: str | os.PathLike, width: int = -1, height: int = -1):
+def _open(path: str | os.PathLike):
     """A decord VideoReader on `path`, with every failure turned into a VideoDecodeError."""
     import decord
 
@@ -69,7 +75,7 @@ def _open(path: str | os.PathLike, width: int = -1, height: int = -1):
     if os.path.getsize(path) == 0:
         raise VideoDecodeError(path, "file is empty (0 bytes)")
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except _DECODE_FAILURES as error:
         raise VideoDecodeError(path, f"cannot open: {_first_line(error)}") from error
     if len(reader) == 0:
@@ -90,11 +96,16 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     """Frame count, frame rate, duration and native size of a video (decodes only the first frame)."""
     reader = _open(path)
     frames, fps = len(reader), float(reader.get_avg_fps())
-    try:  # decord reports the frame size only through a decoded frame
-        height, width = reader[0].shape[:2]
+    height, width = _first_frame(reader, path).shape[:2]
+    return VideoInfo(frames=frames, fps=fps, duration=frames / fps, width=int(width), height=int(height))
+
+
+def _first_frame(reader, path) -> np.ndarray:
+    # decord reports the frame size only through a decoded frame.
+    try:
+        return reader[0].asnumpy()
     except _DECODE_FAILURES as error:
         raise VideoDecodeError(path, f"cannot decode the first frame: {_first_line(error)}") from error
-    return VideoInfo(frames=frames, fps=fps, duration=frames / fps, width=int(width), height=int(height))
 
 
 def sample_indices(num_frames: int, native_fps: float, target_fps: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +116,13 @@ def sample_indices(num_frames: int, native_fps: float, target_fps: float | None)
     if target_fps is None:
         indices = np.arange(num_frames, dtype=np.int64)
         return indices, indices / float(native_fps)
-    # k runs while i_k <= num_frames - 1, i.e. k * native / target + 1/2 < num_frames.
-    count = math.ceil((num_frames - 0.5) * target_fps / native_fps)
+    # k runs while i_k <= num_frames - 1, i.e. k * native / target + 1/2 < num_frames; one extra k,
+    # dropped by the mask, guards the floating-point edge. Multiplying before dividing keeps ties
+    # (e.g. 25 -> 50 fps, k * 25 / 50 = x.5) exact for integer rates, so they round up as documented.
+    count = math.ceil((num_frames - 0.5) * target_fps / native_fps) + 1
     k = np.arange(max(count, 0), dtype=np.int64)
-    indices = np.floor(k * (native_fps / target_fps) + 0.5).astype(np.int64)
-    keep = indices < num_frames  # guards the floating-point edge of the count above
+    indices = np.floor(k * native_fps / target_fps + 0.5).astype(np.int64)
+    keep = indices < num_frames
     k, indices = k[keep], indices[keep]
     return indices, k / float(target_fps)
 
@@ -119,6 +132,21 @@ def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
     if width <= height:
         return size, max(size, int(math.floor(height * size / width + 0.5)))
     return max(size, int(math.floor(width * size / height + 0.5))), size
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (n, H, W, 3) frames with the short side scaled to `size`, antialiased bilinear (like PIL BILINEAR)."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = frames.shape[1:3]
+    new_width, new_height = resized_shape(width, height, size)
+    if (new_height, new_width) == (height, width):
+        return frames
+    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (n, 3, H, W)
+    images = F.interpolate(images, size=(new_height, new_width), mode="bilinear", antialias=True,
+                           align_corners=False)
+    return images.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
@@ -142,23 +170,30 @@ def iter_frame_chunks(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     path = os.fspath(path)
-    info = probe(path)
-    width, height = resized_shape(info.width, info.height, size)
-    reader = _open(path, width=width, height=height)
-    indices, times = sample_indices(info.frames, info.fps, target_fps)
+    reader = _open(path)
+    indices, times = sample_indices(len(reader), float(reader.get_avg_fps()), target_fps)
+    native_frame_bytes = int(np.prod(_first_frame(reader, path).shape))
+    batch_frames = max(1, _DECODE_BUDGET_BYTES // native_frame_bytes)
     try:
         for start in range(0, len(indices), chunk_frames):
-            batch = indices[start:start + chunk_frames]
-            try:
-                frames = reader.get_batch(batch.tolist()).asnumpy()
-            except _DECODE_FAILURES as error:
-                raise VideoDecodeError(
-                    path, f"decoding frames {int(batch[0])}..{int(batch[-1])} failed: {_first_line(error)}"
-                ) from error
-            if frames.shape != (len(batch), height, width, 3):
-                raise VideoDecodeError(path, f"decoder returned frames of shape {frames.shape}, "
-                                             f"expected {(len(batch), height, width, 3)}")
-            yield FrameChunk(frames=np.ascontiguousarray(center_crop(frames, size)),
+            chunk = indices[start:start + chunk_frames]
+            frames = np.concatenate([center_crop(resize_short_side(batch, size), size)
+                                     for batch in _decode_batches(reader, path, chunk, batch_frames)])
+            yield FrameChunk(frames=np.ascontiguousarray(frames),
                              times_s=times[start:start + chunk_frames].astype(np.float64))
     finally:
         del reader
+
+
+def _decode_batches(reader, path: str, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
+    """Native-size uint8 (n, H, W, 3) frames at `indices`, decoded batch_frames at a time."""
+    for start in range(0, len(indices), batch_frames):
+        batch = indices[start:start + batch_frames]
+        try:
+            frames = reader.get_batch(batch.tolist()).asnumpy()
+        except _DECODE_FAILURES as error:
+            raise VideoDecodeError(
+                path, f"decoding frames {int(batch[0])}..{int(batch[-1])} failed: {_first_line(error)}") from error
+        if frames.ndim != 4 or frames.shape[0] != len(batch) or frames.shape[3] != 3:
+            raise VideoDecodeError(path, f"decoder returned frames of shape {frames.shape} for {len(batch)} frames")
+        yield frames
