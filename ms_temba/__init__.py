@@ -5,8 +5,11 @@
     out = model(features, mask)                             # ms_temba.MSTembaOutput
 
 The losses and metrics live in the submodules `ms_temba.losses` and `ms_temba.metrics` (import
-them explicitly); the scan and conv kernels in `ms_temba.ops`.
+them explicitly, or reach them as attributes, which imports them on first use); the scan and conv
+kernels in `ms_temba.ops`.
 """
+
+import importlib
 
 from ms_temba.model import MSTemba, MSTembaConfig, MSTembaOutput, model_summary
 from ms_temba.registry import create_model, list_models, register_model
@@ -20,3 +23,13 @@ __all__ = [
     "model_summary",
     "register_model",
 ]
+
+
+_LAZY_SUBMODULES = ("losses", "metrics", "ops")
+
+
+def __getattr__(name):
+    # `ms_temba.losses` etc. without importing them (and their dependencies) with the package.
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"ms_temba.{name}")
+    raise AttributeError(f"module 'ms_temba' has no attribute {name!r}")

@@ -145,7 +145,9 @@ class BiMamba(nn.Module):
         if mask is not None:
             # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
             xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
-        xz = xz.transpose(1, 2)  # (batch, 2 * d_inner, length): the layout the scan kernels use
+        # (batch, 2 * d_inner, length), contiguous: the layout of mamba_simple, which the CUDA conv
+        # and scan kernels expect.
+        xz = xz.transpose(1, 2).contiguous()
 
         y_f, c_f = self._scan(
             xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D

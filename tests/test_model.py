@@ -447,3 +447,22 @@ def test_model_summary_counts():
     assert "interaction_block" in summary and "tlms.2" in summary
     release = ms_temba.model_summary(ms_temba.create_model("ms_temba_release"))
     assert "13,344,244" in release
+
+
+def test_submodules_are_reachable_as_attributes():
+    assert callable(ms_temba.ops.selective_scan)
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        ms_temba.no_such_thing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    # On a GPU machine this runs the mamba_ssm / causal_conv1d kernels when they are installed.
+    model = tiny_model(seed=9)
+    features, mask = padded_batch((40, 23), 64)
+    expected = model(features, mask)
+    got = model.cuda()(features.cuda(), mask.cuda())
+    torch.testing.assert_close(got.logits.cpu(), expected.logits, rtol=1e-3, atol=1e-3)
+    for k in range(3):
+        torch.testing.assert_close(got.branch_c[k].cpu(), expected.branch_c[k], rtol=1e-3, atol=1e-3)
