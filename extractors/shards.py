@@ -5,11 +5,13 @@ Layout of one shard (`write_shard`):
     video_id: string | index: int32 | start_s: float64 | end_s: float64 | feature: fixed_size_list<float32, dim>
 
 one row per snippet, rows of one video contiguous and in time order, and exactly one row group per
-video, so `FeatureStore.get` reads one video's row group and nothing else. The footer's key-value
-metadata holds two JSON documents:
+video, so `FeatureStore.get` reads one video's row group and nothing else. Two JSON documents sit
+in the file's key-value metadata:
 
-    ms_temba.extractor  the extractor metadata (backbone, dim, fps, checkpoint sha256, ...)
-    ms_temba.video_ids  the video ids in row-group order (the index: video_id -> row group)
+    ms_temba.extractor  the extractor metadata (backbone, dim, fps, checkpoint sha256, ...); part of
+                        the Arrow schema metadata too, so pq.read_schema / read_table show it
+    ms_temba.video_ids  the video ids in row-group order (the index: video_id -> row group); added
+                        to the footer when the file is closed, since the ids are known only then
 
 A shard appears under its final name only once it is complete (written under a temporary name in
 the same directory, then os.replace), so the set of shards present is the record of finished work.
@@ -118,7 +120,7 @@ def write_shard(path: str | os.PathLike, items: Iterable[tuple[str, VideoFeature
     except TypeError as error:
         raise ValueError(f"shard metadata must be JSON-serialisable: {error}") from error
 
-    schema = shard_schema(dim)
+    schema = shard_schema(dim).with_metadata({EXTRACTOR_METADATA_KEY: extractor_json})
     # Same directory as the target so os.replace is an atomic rename; the leading dot and the
     # suffix keep it out of FeatureStore's "*.parquet" listing while it is being written.
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -139,8 +141,7 @@ def write_shard(path: str | os.PathLike, items: Iterable[tuple[str, VideoFeature
                 table = _video_table(video_id, video, schema)
                 writer.write_table(table, row_group_size=len(table))  # exactly one row group per video
                 video_ids.append(video_id)
-            writer.add_key_value_metadata({EXTRACTOR_METADATA_KEY: extractor_json,
-                                           VIDEO_IDS_KEY: json.dumps(video_ids)})
+            writer.add_key_value_metadata({VIDEO_IDS_KEY: json.dumps(video_ids)})
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
