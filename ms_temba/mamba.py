@@ -82,7 +82,8 @@ class BiMamba(nn.Module):
         # Forward direction.
         self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = self._make_direction()
         # Backward direction (runs on the flipped sequence).
-        self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._make_direction()
+        (self.conv1d_b, self.x_proj_b, self.dt_proj_b,
+         self.A_b_log, self.D_b) = self._make_direction()
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.reset_parameters()
 
@@ -119,7 +120,8 @@ class BiMamba(nn.Module):
             nn.init.uniform_(dt_proj.weight, -bound, bound)
             # The bias is set so that the initial step sizes softplus(bias) are log-uniform in
             # [dt_min, dt_max]; inverse softplus: bias = dt + log(1 - exp(-dt)).
-            log_dt = torch.empty(self.d_inner).uniform_(math.log(self.dt_min), math.log(self.dt_max))
+            log_dt = torch.empty(self.d_inner).uniform_(math.log(self.dt_min),
+                                                        math.log(self.dt_max))
             dt = log_dt.exp().clamp(min=self.dt_init_floor)
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
             dt_proj.bias._no_reinit = True  # model-level inits must leave this bias alone

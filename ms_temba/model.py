@@ -70,12 +70,14 @@ class MSTembaConfig:
     dropout: float = 0.0  # on each Mamba layer's residual branch
 
     def __post_init__(self):
-        positive_ints = ["in_dim", "num_classes", "d_state", "expand", "d_conv", "layers_per_branch",
-                         "tlm_kernel"]
+        positive_ints = ["in_dim", "num_classes", "d_state", "expand", "d_conv",
+                         "layers_per_branch", "tlm_kernel"]
         for key in positive_ints:
             setattr(self, key, _positive_int(key, getattr(self, key)))
         if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
-            raise ValueError(f"MSTembaConfig.widths must be a sequence of ints, got {self.widths!r}")
+            raise ValueError(
+                f"MSTembaConfig.widths must be a sequence of ints, got {self.widths!r}"
+            )
         # Tuples so that the config compares, hashes and round-trips through dataclasses.asdict.
         self.widths = tuple(_positive_int("widths", w) for w in self.widths)
         if not self.widths:
@@ -164,7 +166,8 @@ class BiMambaStack(nn.Module):
     """`depth` BiMamba layers and a final RMSNorm of the residual stream (the release's
     VisionMamba with bimamba v2). One DTS branch, and the fuser's interaction block.
 
-    forward(x, mask) -> (out (batch, length, width), C of the last layer (batch, length, 2*d_state)).
+    forward(x, mask) -> (out (batch, length, width),
+                         C of the last layer (batch, length, 2 * d_state)).
     """
 
     def __init__(self, width: int, depth: int, d_state: int, d_conv: int, expand: int,
@@ -181,7 +184,9 @@ class BiMambaStack(nn.Module):
         return self.norm_f(x), c
 
 
-def dilated_temporal_ssm(x: torch.Tensor, mask: torch.Tensor, branches) -> tuple[torch.Tensor, torch.Tensor]:
+def dilated_temporal_ssm(
+    x: torch.Tensor, mask: torch.Tensor, branches
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated Temporal SSM: run sub-sequence i (frames t = i mod k) through `branches[i]`.
 
     Args:
@@ -324,14 +329,17 @@ class MSTemba(nn.Module):
             mask = torch.ones(batch, length, dtype=torch.bool, device=features.device)
         else:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+                got = getattr(mask, "dtype", type(mask).__name__)
+                raise ValueError(f"mask must be a bool tensor, got {got}")
             if mask.shape != (batch, length):
                 raise ValueError(
                     f"mask has shape {tuple(mask.shape)} but features need (batch, time) = "
                     f"{(batch, length)}"
                 )
             if (mask[:, 1:] & ~mask[:, :-1]).any():
-                raise ValueError("mask has a real frame after a padded one: padding must be at the end")
+                raise ValueError(
+                    "mask has a real frame after a padded one: padding must be at the end"
+                )
         if not torch.isfinite(features).all(dim=-1).logical_or(~mask).all():
             raise ValueError("features contain NaN or inf at real (unpadded) frames")
         return mask

@@ -64,4 +64,5 @@ def ms_temba_release(**overrides) -> MSTemba:
 @register_model
 def ms_temba_tiny(**overrides) -> MSTemba:
     """A small MS-Temba for tests and smoke runs on CPU."""
-    return _build(MSTembaConfig(in_dim=64, num_classes=8, widths=(32, 48, 64), d_state=8), overrides)
+    tiny = MSTembaConfig(in_dim=64, num_classes=8, widths=(32, 48, 64), d_state=8)
+    return _build(tiny, overrides)

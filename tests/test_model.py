@@ -19,9 +19,8 @@ import ms_temba
 from ms_temba.mamba import BiMamba
 from ms_temba.model import MSTemba, MSTembaConfig, dilated_temporal_ssm
 
-REFERENCE_KEYS = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "ms_temba_release_keys_i3d_157.tsv"
-)
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REFERENCE_KEYS = SHARED / "reference" / "ms_temba_release_keys_i3d_157.tsv"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +67,8 @@ def reference_bimamba(mixer: BiMamba, hidden):
         x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D
     )
     y_b, c_b = reference_scan_direction(
-        x.flip(0), z.flip(0), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b
+        x.flip(0), z.flip(0),
+        mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b,
     )
     y = (y_f + y_b.flip(0)) / 2
     return y @ mixer.out_proj.weight.double().T, torch.cat([c_f, c_b.flip(0)], dim=-1)
@@ -130,13 +130,16 @@ def reference_ms_temba(model: MSTemba, features):
         x = out
         block_outputs.append(out)
         block_cs.append(cs)
+    scale_projs = [getattr(model, f"scale_proj{k}") for k in range(1, cfg.num_blocks + 1)]
     fused = sum(
-        reference_layer_norm(reference_linear(out, getattr(model, f"scale_proj{k + 1}")), model.norm)
-        for k, out in enumerate(block_outputs)
+        reference_layer_norm(reference_linear(out, scale_proj), model.norm)
+        for out, scale_proj in zip(block_outputs, scale_projs)
     )
     fused, _ = reference_stack(model.interaction_block, fused)
     logits = reference_linear(fused, model.head)
-    block_logits = [reference_linear(out, head) for out, head in zip(block_outputs, model.block_heads)]
+    block_logits = [
+        reference_linear(out, head) for out, head in zip(block_outputs, model.block_heads)
+    ]
     return logits, block_logits, block_cs
 
 
@@ -265,7 +268,9 @@ def test_model_matches_float64_reference(tlm):
         logits, block_logits, block_cs = reference_ms_temba(model, features[b])
         torch.testing.assert_close(out.logits[b], logits, rtol=1e-8, atol=1e-9)
         for k in range(3):
-            torch.testing.assert_close(out.block_logits[k][b], block_logits[k], rtol=1e-8, atol=1e-9)
+            torch.testing.assert_close(
+                out.block_logits[k][b], block_logits[k], rtol=1e-8, atol=1e-9
+            )
             for i, c in enumerate(block_cs[k]):
                 torch.testing.assert_close(out.branch_c[k][b, i, : len(c)], c, rtol=1e-8, atol=1e-9)
 
@@ -361,7 +366,8 @@ def test_state_dict_matches_release_keys():
     assert sum(math.prod(s) for s in reference.values()) == 13_344_244
     # The same architecture with TLMs adds only the TLM parameters, under their own names.
     with_tlm = ms_temba.create_model("ms_temba").state_dict()
-    assert {k: tuple(v.shape) for k, v in with_tlm.items() if not k.startswith("tlms.")} == reference
+    without_tlm = {k: tuple(v.shape) for k, v in with_tlm.items() if not k.startswith("tlms.")}
+    assert without_tlm == reference
 
 
 def test_every_parameter_gets_a_gradient():
@@ -374,7 +380,10 @@ def test_every_parameter_gets_a_gradient():
         for logits in [out.logits, *out.block_logits]
     )
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        name for name, p in model.named_parameters()
+        if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert missing == []
 
 
@@ -465,4 +474,6 @@ def test_cuda_matches_cpu():
     got = model.cuda()(features.cuda(), mask.cuda())
     torch.testing.assert_close(got.logits.cpu(), expected.logits, rtol=1e-3, atol=1e-3)
     for k in range(3):
-        torch.testing.assert_close(got.branch_c[k].cpu(), expected.branch_c[k], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            got.branch_c[k].cpu(), expected.branch_c[k], rtol=1e-3, atol=1e-3
+        )
