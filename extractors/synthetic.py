@@ -66,7 +66,7 @@ COLOURS = {
     "orange": (1.0, 0.5, 0.0),
     "pink": (1.0, 0.6, 0.75),
     "purple": (0.5, 0.05, 0.8),
-    "teal": (0.0, 0.5, 0.45),
+    "teal": (0.0, 0.62, 0.55),
 }
 
 
@@ -176,7 +176,7 @@ def _draw_cyan_bar_rotating(image, grid, t, duration, p):
 
 
 def _draw_orange_disk_pulsing(image, grid, t, duration, p):
-    radius = 0.16 + 0.08 * math.sin(2 * math.pi * 1.0 * t + p.phase)
+    radius = 0.2 + 0.07 * math.sin(2 * math.pi * 1.0 * t + p.phase)
     _paint(image, _disk(grid, p.cx, p.cy, radius), "orange")
 
 
@@ -187,10 +187,8 @@ def _blinking_border(colour: str) -> DrawFn:
     return draw
 
 
-def _draw_pink_ring_expanding(image, grid, t, duration, p):
-    radius = 0.1 + 0.5 * t / duration
-    distance = np.sqrt((grid.x - p.cx) ** 2 + (grid.y - p.cy) ** 2)
-    _paint(image, np.abs(distance - radius) < 0.07, "pink")
+def _draw_pink_disk_growing(image, grid, t, duration, p):
+    _paint(image, _disk(grid, p.cx, p.cy, 0.1 + 0.3 * t / duration), "pink")
 
 
 def _draw_purple_disk_rising(image, grid, t, duration, p):
@@ -229,7 +227,7 @@ CLASSES: tuple[ActionClass, ...] = (
     # short events, 1-2.5 s; the two borders are also the cues of the purple disk
     ActionClass("white_border_blinking", EVENT, _blinking_border("white")),
     ActionClass("black_border_blinking", EVENT, _blinking_border("black")),
-    ActionClass("pink_ring_expanding", EVENT, _draw_pink_ring_expanding),
+    ActionClass("pink_disk_growing", EVENT, _draw_pink_disk_growing),
     # context-dependent: same picture, label decided by what came before
     ActionClass("purple_disk_rising_after_white_cue", OBJECT, _draw_purple_disk_rising),
     ActionClass("purple_disk_rising_after_black_cue", OBJECT, _draw_purple_disk_rising),
@@ -281,6 +279,8 @@ def _fill(track: _Track, choices: list[int], seconds: tuple[float, float], gap_s
           avoid: list[Action] = ()) -> None:
     """Alternate gaps and actions of random `choices` until the video ends (the last one is cut).
 
+    `choices` may repeat a label: it is then drawn proportionally more often.
+
     A label of an `avoid` action overlapping the new one is not chosen: two tracks never show the
     same class at the same time (one annotation per class and moment, as in Charades/TSU).
     """
@@ -310,21 +310,22 @@ def make_timeline(rng: np.random.Generator, num_frames: int, fps: int, num_class
     background = labels(["red_stripes_scrolling", "green_checker_flickering", "blue_waves_drifting"])
     if background:
         track = _Track(rng, fps, num_frames)
-        _fill(track, background, LONG_S, (2.0, 8.0))
+        _fill(track, background, LONG_S, (3.0, 12.0))
         tracks.append(track)
 
     # Rain overlay (long, independent of the background).
     if enabled("white_rain_falling"):
         track = _Track(rng, fps, num_frames)
-        _fill(track, [CLASS_INDEX["white_rain_falling"]], (10.0, 25.0), (5.0, 30.0))
+        _fill(track, [CLASS_INDEX["white_rain_falling"]], (8.0, 20.0), (15.0, 45.0))
         tracks.append(track)
 
     # Two object tracks (medium); the teal square lives only on the first one, so that its
-    # occurrences never overlap and "first" vs "again" is well defined.
+    # occurrences never overlap and "first" vs "again" is well defined. It is listed twice (drawn
+    # twice as often as the other objects) so that most videos show it again after the first time.
     objects = labels(["yellow_disk_moving_right", "magenta_square_moving_down", "cyan_bar_rotating",
                       "orange_disk_pulsing"])
     first_objects: list[Action] = []
-    for choices in (objects + labels(["teal_square_spinning_first"]), objects):
+    for choices in (objects + labels(["teal_square_spinning_first"] * 2), objects):
         if choices:
             track = _Track(rng, fps, num_frames)
             _fill(track, choices, MEDIUM_S, (1.0, 6.0), avoid=first_objects)
@@ -335,7 +336,7 @@ def make_timeline(rng: np.random.Generator, num_frames: int, fps: int, num_class
 
     # Short events; half of them are a cue followed by the purple disk, which lives on this track
     # too so that no other event can come between a cue and its disk.
-    singles = labels(["white_border_blinking", "black_border_blinking", "pink_ring_expanding"])
+    singles = labels(["white_border_blinking", "black_border_blinking", "pink_disk_growing"])
     episodes = [(CLASS_INDEX[cue], CLASS_INDEX[disk]) for cue, disk in [
         ("white_border_blinking", "purple_disk_rising_after_white_cue"),
         ("black_border_blinking", "purple_disk_rising_after_black_cue")] if enabled(disk)]
