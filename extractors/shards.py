@@ -256,6 +256,15 @@ class FeatureStore:
         return video_id in self._location
 
 
+def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, VideoFeatures]]:
+    """(video_id, VideoFeatures) of one shard file in row-group order, one row group at a time."""
+    path = Path(path)
+    _, video_ids, _ = _read_footer(path)
+    parquet = pq.ParquetFile(path)
+    for row_group, video_id in enumerate(video_ids):
+        yield video_id, _to_video_features(parquet.read_row_group(row_group), video_id, path)
+
+
 def _to_video_features(table: pa.Table, video_id: str, shard: Path) -> VideoFeatures:
     stored_ids = table.column("video_id").unique().to_pylist()
     index = table.column("index").to_numpy()
