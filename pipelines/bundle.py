@@ -1,0 +1,56 @@
+"""The trained-model file (models/model.pt): weights plus everything needed to use them.
+
+    bundle = load_bundle("models/model.pt")
+    model = bundle.build_model()              # the network, weights loaded, in eval mode
+
+It holds the model name and full MSTembaConfig, the class names, the metadata of the feature
+shards it was trained on (extractor, dim, fps...), the training parameters and the selection
+(epoch and validation mAP), so inference on new videos can rebuild the feature extractor and the
+network without the training configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.io import atomic_path
+
+BUNDLE_FORMAT = 1
+
+
+@dataclass
+class ModelBundle:
+    model_name: str
+    model_config: dict[str, Any]  # dataclasses.asdict(MSTembaConfig)
+    state_dict: dict[str, torch.Tensor]
+    class_names: list[str]
+    features: dict[str, Any]  # the shards' extractor metadata
+    dataset: str
+    train_params: dict[str, Any]
+    selected_epoch: int
+    val_map: float  # percent
+    train_videos: list[str]
+    val_videos: list[str]
+
+    def build_model(self, device: str | torch.device = "cpu"):
+        import ms_temba
+
+        model = ms_temba.create_model(self.model_name, **self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def save_bundle(path: str | Path, bundle: ModelBundle) -> None:
+    with atomic_path(path) as temporary:
+        torch.save({"format": BUNDLE_FORMAT, **dataclasses.asdict(bundle)}, temporary)
+
+
+def load_bundle(path: str | Path) -> ModelBundle:
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if content.pop("format", None) != BUNDLE_FORMAT:
+        raise ValueError(f"{path} is not an ms-temba model file of format {BUNDLE_FORMAT}")
+    return ModelBundle(**content)

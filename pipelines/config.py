@@ -1,0 +1,317 @@
+"""The pipeline's parameters: `conf/` (Hydra) is composed into `params.yaml`, read here, validated.
+
+Every stage reads its parameters through `load_params`, so there is one place that knows the
+schema. Composition (`compose_params`) uses Hydra's compose API exactly as `dvc exp run -S ...`
+does (DVC calls `hydra.compose` and dumps `OmegaConf.to_yaml`), so a params.yaml written by
+`ms-temba compose` is byte-identical to the one DVC would write.
+
+Validation is strict: an unknown key (usually a typo), a value of the wrong type or an impossible
+value raises `ConfigError` naming the key, e.g. `train.lr: must be > 0, got -0.001`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from extractors.config import ExtractorConfig
+
+# The Hydra tree ships with the repository (it is not package data): conf/ next to pipelines/.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad parameter; `.key` is its dotted path in params.yaml (e.g. "train.lr")."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema: one frozen dataclass per section of params.yaml
+# ----------------------------------------------------------------------------------------------
+
+TIME_UNITS = ("seconds", "frames")
+FEATURE_SOURCES = ("videos", "npy")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    name: str  # names the data directory: data/<name>/...
+    video_dir: str  # the videos, or the <video_id>.npy features when feature_source is "npy"
+    annotations: str  # JSON {video_id: {subset, duration, actions: [[class, start, end], ...]}}
+    num_classes: int
+    class_names: str | None = None  # text file, one class name per line
+    time_unit: str = "seconds"  # of start, end and duration in the annotations
+    annotation_fps: float | None = None  # time_unit=frames: frames per second; None = probed fps
+    train_subset: str = "training"
+    test_subset: str = "testing"
+    feature_source: str = "videos"  # "videos": decode + extract; "npy": import video_dir/<video_id>.npy
+    npy_hop_s: float | None = None  # seconds between consecutive .npy features
+    synthetic: dict | None = None  # keyword arguments of extractors.synthetic.make_dataset
+
+    def check(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "dataset.name",
+                 f"must be a non-empty name without '/', got {self.name!r}")
+        _require(self.num_classes > 0, "dataset.num_classes", f"must be > 0, got {self.num_classes}")
+        _require_choice("dataset.time_unit", self.time_unit, TIME_UNITS)
+        _require_choice("dataset.feature_source", self.feature_source, FEATURE_SOURCES)
+        if self.annotation_fps is not None:
+            _require(self.annotation_fps > 0, "dataset.annotation_fps", f"must be > 0 or null, got {self.annotation_fps}")
+        _require(self.train_subset != self.test_subset, "dataset.test_subset",
+                 f"must differ from dataset.train_subset ({self.train_subset!r})")
+        if self.feature_source == "npy":
+            _require(self.npy_hop_s is not None and self.npy_hop_s > 0, "dataset.npy_hop_s",
+                     f"must be > 0 when dataset.feature_source is 'npy', got {self.npy_hop_s}")
+            _require(self.synthetic is None, "dataset.synthetic",
+                     "must be null when dataset.feature_source is 'npy' (synthetic data is videos)")
+        if self.synthetic is not None:
+            _check_synthetic_arguments(self.synthetic)
+            _require(self.synthetic.get("num_classes", self.num_classes) == self.num_classes, "dataset.num_classes",
+                     f"is {self.num_classes} but dataset.synthetic.num_classes is {self.synthetic.get('num_classes')}")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str  # a model of ms_temba.create_model
+    overrides: dict = field(default_factory=dict)  # MSTembaConfig fields
+
+    # Set by the pipeline from the data, so they must not be overridden by hand.
+    FROM_DATA: typing.ClassVar[tuple[str, ...]] = ("in_dim", "num_classes")
+
+    def check(self) -> None:
+        import ms_temba
+
+        _require_choice("model.name", self.name, tuple(ms_temba.list_models()))
+        known = [f.name for f in dataclasses.fields(ms_temba.MSTembaConfig) if f.name not in self.FROM_DATA]
+        for key in self.overrides:
+            if key in self.FROM_DATA:
+                raise ConfigError(f"model.overrides.{key}", "is set from the data (feature dim / dataset.num_classes); remove it")
+            if key not in known:
+                raise ConfigError(f"model.overrides.{key}", f"unknown MSTembaConfig field; known: {', '.join(known)}")
+        widths = self.overrides.get("widths")
+        if widths is not None:
+            _require(isinstance(widths, (list, tuple)) and len(widths) > 0, "model.overrides.widths",
+                     f"must be a non-empty list of block widths (K = len(widths) >= 1), got {widths!r}")
+        try:  # MSTembaConfig checks every value (positive ints, ...); name the key it complains about
+            ms_temba.MSTembaConfig(**self.overrides)
+        except (TypeError, ValueError) as error:
+            message = str(error)  # "MSTembaConfig.<field> must be ..." names the field
+            field_name = message.split()[0].removeprefix("MSTembaConfig.") if message.startswith("MSTembaConfig.") else ""
+            key = f"model.overrides.{field_name}" if field_name in self.overrides else "model.overrides"
+            raise ConfigError(key, message) from error
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 50
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_epochs: int = 5
+    batch_size: int = 8
+    num_clips: int = 256  # random crop length of a training sequence, in features
+    val_fraction: float = 0.15
+    seed: int = 0
+    beta: float = 0.3
+    alpha: float = 100.0
+    max_grad_norm: float | None = None
+    num_threads: int = 2
+    device: str = "auto"
+
+    def check(self) -> None:
+        for key in ("epochs", "batch_size", "num_clips", "num_threads"):
+            _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        for key in ("weight_decay", "beta", "alpha"):
+            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs",
+                 f"must be in [0, train.epochs={self.epochs}), got {self.warmup_epochs}")
+        _require(0 < self.val_fraction < 1, "train.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        if self.max_grad_norm is not None:
+            _require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
+        _require_choice("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    num_timelines: int = 4
+    sampled_frames: int = 25
+    action_offsets: list[int] = field(default_factory=lambda: [0, 20, 40])
+    threshold: float = 0.5
+
+    def check(self) -> None:
+        _require(self.num_timelines >= 0, "eval.num_timelines", f"must be >= 0, got {self.num_timelines}")
+        _require(self.sampled_frames > 0, "eval.sampled_frames", f"must be > 0, got {self.sampled_frames}")
+        _require(len(self.action_offsets) > 0 and all(o >= 0 for o in self.action_offsets), "eval.action_offsets",
+                 f"must be a non-empty list of offsets >= 0, got {self.action_offsets}")
+        _require(0 < self.threshold < 1, "eval.threshold", f"must be in (0, 1), got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    dataset: DatasetParams
+    extractor: ExtractorConfig
+    model: ModelParams
+    train: TrainParams
+    eval: EvalParams
+    ray_address: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> PipelineParams:
+    """Read and validate params.yaml; raises ConfigError naming the first bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: compose it with `ms-temba compose > {path}` "
+                                f"(or `dvc exp run`), see docs/pipeline.md")
+    with open(path) as stream:
+        values = yaml.safe_load(stream)
+    return parse_params(values)
+
+
+def parse_params(values: Any) -> PipelineParams:
+    """Validate a params mapping (the content of params.yaml) into PipelineParams."""
+    if not isinstance(values, Mapping):
+        raise ConfigError("<root>", f"params must be a mapping of sections, got {type(values).__name__}")
+    _reject_unknown(values, {f.name for f in dataclasses.fields(PipelineParams)}, prefix="")
+    for section in ("dataset", "extractor", "model", "train", "eval"):
+        if section not in values:
+            raise ConfigError(section, "section is missing")
+    dataset = _build(DatasetParams, values["dataset"], "dataset")
+    extractor = _build_extractor(values["extractor"])
+    model = _build(ModelParams, values["model"], "model")
+    train = _build(TrainParams, values["train"], "train")
+    evaluation = _build(EvalParams, values["eval"], "eval")
+    ray_address = values.get("ray_address")
+    if ray_address is not None and not isinstance(ray_address, str):
+        raise ConfigError("ray_address", f"must be a string or null, got {ray_address!r}")
+    for section in (dataset, model, train, evaluation):
+        section.check()
+    return PipelineParams(dataset=dataset, extractor=extractor, model=model, train=train, eval=evaluation,
+                          ray_address=ray_address)
+
+
+def compose_params(overrides: list[str] = (), conf_dir: str | Path = CONF_DIR) -> dict[str, Any]:
+    """Compose conf/ with Hydra overrides (e.g. ["dataset=tsu", "train.lr=1e-3"]) into a plain dict."""
+    return yaml.safe_load(compose_params_yaml(overrides, conf_dir))
+
+
+def compose_params_yaml(overrides: list[str] = (), conf_dir: str | Path = CONF_DIR) -> str:
+    """The text of params.yaml, exactly as `dvc exp run -S ...` writes it (hydra compose + to_yaml)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_yaml(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(key, problem)
+
+
+def _require_choice(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _reject_unknown(values: Mapping, known: set[str], prefix: str) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _build(cls, values: Any, section: str):
+    """cls(**values) after checking keys and the type of every value against cls's annotations."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(section, f"must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(values, set(fields), prefix=f"{section}.")
+    hints = typing.get_type_hints(cls)
+    for name, spec in fields.items():
+        key = f"{section}.{name}"
+        if name not in values:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, "is required")
+            continue
+        _check_type(key, values[name], hints[name])
+    return cls(**values)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    expected = origin or annotation
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+        dict: isinstance(value, Mapping),
+    }[expected]
+    if not ok:
+        raise ConfigError(key, f"must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
+    if expected is list and args:
+        for index, item in enumerate(value):
+            _check_type(f"{key}[{index}]", item, args[0])
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return f"a list of {typing.get_args(annotation)[0].__name__}"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(annotation, str(annotation))
+
+
+def _build_extractor(values: Any) -> ExtractorConfig:
+    if not isinstance(values, Mapping):
+        raise ConfigError("extractor", f"must be a mapping, got {values!r}")
+    known = {f.name for f in dataclasses.fields(ExtractorConfig)}
+    _reject_unknown(values, known, prefix="extractor.")
+    try:
+        return ExtractorConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        # ExtractorConfig's messages already read "extractor.<key> must be ..."; keep its key.
+        message = str(error)
+        key = message.split()[0] if message.startswith("extractor.") else "extractor"
+        raise ConfigError(key, message.removeprefix(key).strip()) from error
+
+
+def _check_synthetic_arguments(arguments: Mapping) -> None:
+    """Keys must be keyword arguments of make_dataset (other than out_dir)."""
+    from extractors.synthetic import make_dataset
+
+    accepted = [name for name in inspect.signature(make_dataset).parameters if name != "out_dir"]
+    for key in arguments:
+        if key not in accepted:
+            raise ConfigError(f"dataset.synthetic.{key}",
+                              f"unknown argument of extractors.synthetic.make_dataset; known: {', '.join(accepted)}")

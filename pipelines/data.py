@@ -1,0 +1,99 @@
+"""Training and evaluation data: feature sequences with their per-feature labels, crops, batches.
+
+A `Sequence` is one video: its features from the shards and labels built at the features' centre
+times from the manifest's clean actions (pipelines.labels). Batches pad sequences at the end and
+carry a mask (True = real feature), as MS-Temba expects.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.labels import build_labels, feature_centres
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    video_id: str
+    features: np.ndarray  # float32 (T, D)
+    labels: np.ndarray  # float32 (T, classes) in {0, 1}
+
+
+@dataclass(frozen=True)
+class Batch:
+    features: torch.Tensor  # (B, T, D)
+    labels: torch.Tensor  # (B, T, classes)
+    mask: torch.Tensor  # (B, T) bool
+
+
+def load_sequences(rows: list[dict], store, num_classes: int) -> list[Sequence]:
+    """The sequences of the manifest `rows` that have features in `store` (others are logged and skipped)."""
+    sequences, missing = [], []
+    for row in rows:
+        if row["video_id"] not in store:
+            missing.append(row["video_id"])
+            continue
+        video = store.get(row["video_id"])
+        labels = build_labels(feature_centres(video.start_s, video.end_s), np.asarray(row["action_class"]),
+                              np.asarray(row["action_start_s"]), np.asarray(row["action_end_s"]), num_classes)
+        sequences.append(Sequence(row["video_id"], video.features, labels))
+    if missing:
+        log.warning("%d videos of the manifest have no features (extraction failed?), skipped: %s%s",
+                    len(missing), ", ".join(missing[:5]), " ..." if len(missing) > 5 else "")
+    return sequences
+
+
+def split_train_val(video_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out round(N * val_fraction) videos (at least 1, at most N - 1) for model selection.
+
+    Deterministic and independent of the order of `video_ids`: videos are ranked by a hash of
+    (seed, video id), so adding a video to the data set moves no other video between the parts.
+    """
+    if len(video_ids) < 2:
+        raise ValueError(f"need at least 2 training videos to hold out a validation part, got {len(video_ids)}")
+    ranked = sorted(video_ids, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
+    num_val = min(max(1, round(len(video_ids) * val_fraction)), len(video_ids) - 1)
+    return sorted(ranked[num_val:]), sorted(ranked[:num_val])
+
+
+def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
+    """Pad (features, labels) pairs at the end to the longest one."""
+    length = max(len(features) for features, _ in items)
+    dim, num_classes = items[0][0].shape[1], items[0][1].shape[1]
+    features = torch.zeros(len(items), length, dim)
+    labels = torch.zeros(len(items), length, num_classes)
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, (f, y) in enumerate(items):
+        features[i, :len(f)] = torch.from_numpy(f)
+        labels[i, :len(y)] = torch.from_numpy(y)
+        mask[i, :len(f)] = True
+    return Batch(features, labels, mask)
+
+
+def training_batches(sequences: list[Sequence], batch_size: int, crop_length: int, seed: int,
+                     epoch: int) -> Iterator[Batch]:
+    """One epoch: sequences shuffled, each cropped to a random window of at most crop_length.
+
+    The order and the crops depend only on (seed, epoch), so a resumed run sees exactly the batches
+    an uninterrupted run would have seen.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(sequences))
+    for start in range(0, len(order), batch_size):
+        items = []
+        for index in order[start:start + batch_size]:
+            sequence = sequences[index]
+            offset = int(rng.integers(0, max(1, len(sequence.features) - crop_length + 1)))
+            items.append((sequence.features[offset:offset + crop_length], sequence.labels[offset:offset + crop_length]))
+        yield collate(items)
+
+
+def num_batches(num_sequences: int, batch_size: int) -> int:
+    return -(-num_sequences // batch_size)

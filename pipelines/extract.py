@@ -1,0 +1,88 @@
+"""Stage `extract`: features of every usable video of the manifest, as Parquet shards.
+
+    python -m pipelines.extract --manifest data/<dataset>/manifest.parquet --out data/<dataset>/shards
+
+dataset.feature_source = videos: extractors.run.extract_videos (Ray; local unless `ray_address`).
+dataset.feature_source = npy: the per-video .npy files in dataset.video_dir are imported instead.
+
+The shard directory is a `persist: true` output in dvc.yaml, so DVC does not delete it before a
+re-run: a killed extraction resumes where it stopped (extract_videos skips the videos already in a
+shard). `extraction.json` in the directory records what produced the shards; when the extractor
+settings change, the old shards are deleted first instead of being mixed with new ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from pipelines.config import PipelineParams, load_params
+from pipelines.io import setup_logging, write_json
+from pipelines.manifest import read_manifest, usable_videos
+
+STAMP_FILE = "extraction.json"
+
+
+def extraction_settings(params: PipelineParams) -> dict:
+    """Everything the shards' content depends on (compared with the stamp of existing shards)."""
+    dataset = params.dataset
+    if dataset.feature_source == "npy":
+        return {"feature_source": "npy", "video_dir": dataset.video_dir, "npy_hop_s": dataset.npy_hop_s}
+    settings = params.extractor.to_dict()
+    # These change how the work is spread, not the features.
+    for key in ("batch_size", "chunk_frames", "device", "num_actors", "videos_per_shard"):
+        settings.pop(key)
+    return {"feature_source": "videos", "extractor": settings}
+
+
+def prepare_output(out_dir: Path, settings: dict, log) -> None:
+    """Keep out_dir if its shards were made with `settings` (to resume), else empty it."""
+    stamp = out_dir / STAMP_FILE
+    if out_dir.exists():
+        previous = json.loads(stamp.read_text()) if stamp.exists() else None
+        if previous == settings:
+            log.info("resuming into %s (same extraction settings)", out_dir)
+            return
+        log.info("extraction settings changed: deleting the old shards in %s", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    write_json(stamp, settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--out", required=True, help="shard directory")
+    args = parser.parse_args(argv)
+    log = setup_logging("extract")
+
+    params = load_params(args.params)
+    rows = usable_videos(read_manifest(args.manifest))
+    out_dir = Path(args.out)
+    prepare_output(out_dir, extraction_settings(params), log)
+    log.info("%d usable videos in the manifest", len(rows))
+
+    if params.dataset.feature_source == "npy":
+        from pipelines.import_npy import import_npy
+
+        imported, failures = import_npy(params.dataset.video_dir, out_dir, hop_s=params.dataset.npy_hop_s,
+                                        video_ids=[r["video_id"] for r in rows],
+                                        videos_per_shard=params.extractor.videos_per_shard)
+        log.info("imported %d videos' .npy features, %d failed (see %s/failures.jsonl)", imported,
+                 len(failures), out_dir)
+        return
+
+    from extractors.run import extract_videos
+
+    summary = extract_videos({r["video_id"]: r["path"] for r in rows}, params.extractor, out_dir,
+                             ray_address=params.ray_address)
+    log.info("extraction: %s", summary)
+    if summary.failed:
+        log.warning("%d videos failed; they are listed in %s/failures.jsonl and left out of training",
+                    summary.failed, out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Stage `train`: train MS-Temba on the training subset, select the best epoch on a held-out part.
+
+    python -m pipelines.train --manifest data/<dataset>/manifest.parquet --shards data/<dataset>/shards \
+        --checkpoints models/checkpoints --out models/model.pt --log reports/train_log.csv
+
+The recipe is the release's: AdamW (lr 5e-4, weight decay 0.01), a per-step schedule that rises
+linearly for `warmup_epochs` and then follows a cosine to 0, the MS-Temba loss (BCE + beta *
+per-block BCE + alpha * scale consistency), random crops of `num_clips` features per training
+sequence. Model selection never sees the test subset: `val_fraction` of the training videos
+(chosen by video, deterministically) are held out, and the epoch with the best validation
+per-frame mAP is the one written to --out (see pipelines.bundle).
+
+Reproducible and resumable: everything random is seeded (the data order and crops from (seed,
+epoch); torch, numpy and random from the seed), and after every epoch a checkpoint with the model,
+optimizer, scheduler and RNG states, the best epoch so far and the history is written atomically.
+A re-run with the same configuration resumes from it and ends with the same weights as an
+uninterrupted run; a checkpoint of another configuration (its fingerprint differs) is ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipelines.bundle import ModelBundle, save_bundle
+from pipelines.config import PipelineParams, load_params
+from pipelines.data import Sequence, load_sequences, num_batches, split_train_val, training_batches
+from pipelines.io import atomic_path, setup_logging, write_text
+from pipelines.manifest import read_manifest, usable_videos
+
+CHECKPOINT_FILE = "last.pt"
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_bce", "val_map", "seconds")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """lr multiplier at optimizer step s: linear 0 -> 1 over warmup, then cosine 1 -> 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def class_names(path: str | None, num_classes: int) -> list[str]:
+    if path is None:
+        return [f"class_{c}" for c in range(num_classes)]
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise ValueError(f"{path} (dataset.class_names) lists {len(names)} classes, dataset.num_classes is {num_classes}")
+    return names
+
+
+@torch.no_grad()
+def predict(model, features: np.ndarray, device: torch.device) -> np.ndarray:
+    """(T, classes) probabilities for one full-length sequence."""
+    output = model(torch.from_numpy(features)[None].to(device))
+    return torch.sigmoid(output.logits[0]).float().cpu().numpy()
+
+
+def validation_map(model, sequences: list[Sequence], num_classes: int, device: torch.device) -> float:
+    """Per-frame mAP (percent) over the full-length sequences; NaN if no class has a positive."""
+    from ms_temba.metrics import FrameMAP
+
+    metric = FrameMAP(num_classes)
+    model.eval()
+    for sequence in sequences:
+        metric.update(predict(model, sequence.features, device), sequence.labels)
+    return 100.0 * metric.compute()["map"]
+
+
+def fingerprint(params: PipelineParams, feature_metadata: dict, train_ids: list[str], val_ids: list[str]) -> str:
+    """What a checkpoint must have been trained with to be resumed."""
+    identity = {"dataset": dataclasses.asdict(params.dataset), "model": dataclasses.asdict(params.model),
+                "train": {k: v for k, v in dataclasses.asdict(params.train).items() if k != "device"},
+                "features": feature_metadata, "train_ids": train_ids, "val_ids": val_ids}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buffer.getvalue())
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | Path, checkpoint_dir: str | Path,
+          out_path: str | Path, log_path: str | Path, log=None) -> ModelBundle:
+    import ms_temba
+    from ms_temba.losses import ms_temba_loss
+    from extractors.shards import FeatureStore
+
+    log = log or setup_logging("train")
+    dataset, recipe = params.dataset, params.train
+    torch.set_num_threads(recipe.num_threads)
+    device = pick_device(recipe.device)
+
+    names = class_names(dataset.class_names, dataset.num_classes)
+    store = FeatureStore(shards_dir)
+    rows = usable_videos(read_manifest(manifest_path), subset=dataset.train_subset)
+    sequences = load_sequences(rows, store, dataset.num_classes)
+    train_ids, val_ids = split_train_val([s.video_id for s in sequences], recipe.val_fraction, recipe.seed)
+    train_set = [s for s in sequences if s.video_id in set(train_ids)]
+    val_set = [s for s in sequences if s.video_id in set(val_ids)]
+    log.info("%d training videos, %d held out for validation, %d-d features, device %s",
+             len(train_set), len(val_set), store.dim, device)
+
+    seed_everything(recipe.seed)
+    model = ms_temba.create_model(params.model.name, in_dim=store.dim, num_classes=dataset.num_classes,
+                                  **params.model.overrides).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = num_batches(len(train_set), recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch))
+
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    run_id = fingerprint(params, store.metadata, train_ids, val_ids)
+    start_epoch, history, best = 1, [], {"epoch": 0, "val_map": -math.inf, "state_dict": None}
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if checkpoint["fingerprint"] == run_id:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            restore_rng_states(checkpoint["rng"])
+            start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
+            log.info("resuming after epoch %d from %s", checkpoint["epoch"], checkpoint_path)
+        else:
+            log.info("ignoring %s: it belongs to another configuration", checkpoint_path)
+
+    for epoch in range(start_epoch, recipe.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        totals = {"loss": 0.0, "bce": 0.0}
+        batches = training_batches(train_set, recipe.batch_size, recipe.num_clips, recipe.seed, epoch)
+        for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
+                          leave=False):
+            output = model(batch.features.to(device), batch.mask.to(device))
+            losses = ms_temba_loss(output, batch.labels.to(device), batch.mask.to(device),
+                                   beta=recipe.beta, alpha=recipe.alpha)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if recipe.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            totals["loss"] += losses["loss"].item()
+            totals["bce"] += losses["bce"].item()
+
+        val_map = validation_map(model, val_set, dataset.num_classes, device)
+        history.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                        "train_loss": totals["loss"] / steps_per_epoch, "train_bce": totals["bce"] / steps_per_epoch,
+                        "val_map": val_map, "seconds": round(time.perf_counter() - started, 3)})
+        if val_map > best["val_map"]:  # NaN (no positives in the held-out part) never wins
+            best = {"epoch": epoch, "val_map": val_map,
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        log.info("epoch %d: loss %.4f, val mAP %.2f%% (best %.2f%% at epoch %d)", epoch, history[-1]["train_loss"],
+                 val_map, best["val_map"], best["epoch"])
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(checkpoint_path) as temporary:
+            torch.save({"fingerprint": run_id, "epoch": epoch, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng_states(), "history": history, "best": best}, temporary)
+        write_log(Path(log_path), history)
+
+    if best["state_dict"] is None:  # validation mAP was NaN throughout: keep the last epoch
+        best = {"epoch": recipe.epochs, "val_map": float("nan"), "state_dict": model.state_dict()}
+    write_log(Path(log_path), history)
+    config = dataclasses.asdict(model.config)
+    bundle = ModelBundle(
+        model_name=params.model.name, model_config=config, state_dict=best["state_dict"],
+        class_names=names, features=store.metadata,
+        dataset=dataset.name, train_params=dataclasses.asdict(recipe), selected_epoch=best["epoch"],
+        val_map=best["val_map"], train_videos=train_ids, val_videos=val_ids)
+    save_bundle(out_path, bundle)
+    log.info("selected epoch %d (val mAP %.2f%%) -> %s", best["epoch"], best["val_map"], out_path)
+    return bundle
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--checkpoints", required=True, help="directory of the resumable checkpoint")
+    parser.add_argument("--out", required=True, help="the selected model (models/model.pt)")
+    parser.add_argument("--log", required=True, help="per-epoch CSV (reports/train_log.csv)")
+    args = parser.parse_args(argv)
+    train(load_params(args.params), args.manifest, args.shards, args.checkpoints, args.out, args.log)
+
+
+if __name__ == "__main__":
+    main()
