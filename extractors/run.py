@@ -46,6 +46,9 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".m
 # A worker process that dies is restarted this often; the video it was working on is retried once.
 ACTOR_MAX_RESTARTS = 2
 ACTOR_MAX_TASK_RETRIES = 1
+# Seeded before each actor builds its backbone: without a checkpoint the weights are a random init,
+# and every actor (and every restart) must draw the same one or shards would mix different networks.
+RANDOM_INIT_SEED = 0
 
 
 class ExtractorBuildError(RuntimeError):
@@ -76,8 +79,11 @@ class ExtractionWorker:
     """The body of one Ray actor: builds the backbone once, then extracts one video per call."""
 
     def __init__(self, cfg: ExtractorConfig):
+        import torch
+
         from extractors.backbones import build_extractor  # imported in the worker process
 
+        torch.manual_seed(RANDOM_INIT_SEED)
         self.extractor = build_extractor(cfg)
 
     def shard_metadata(self) -> dict[str, Any]:
