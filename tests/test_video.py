@@ -114,6 +114,15 @@ def test_chunks_are_bounded_and_concatenate_to_the_whole(videos):
     np.testing.assert_array_equal(piece_times, whole_times)
 
 
+def test_decoding_in_small_batches_gives_the_same_frames(videos, monkeypatch):
+    # Full-HD videos are decoded a few native frames at a time (extractors.video._DECODE_BUDGET_BYTES);
+    # shrink the budget to 3 frames of this small video so that path runs here too.
+    whole, _, _ = decode_all(videos["portrait"], size=40, chunk_frames=16)
+    monkeypatch.setattr("extractors.video._DECODE_BUDGET_BYTES", 3 * 64 * 80 * 3)
+    batched, _, _ = decode_all(videos["portrait"], size=40, chunk_frames=16)
+    np.testing.assert_array_equal(batched, whole)
+
+
 def expected_resampling(frames: int, fps: float, target_fps: float) -> tuple[list[int], list[float]]:
     """The documented rule as a loop in exact rational arithmetic: frame k shows native frame
     floor(k / target * fps + 1/2), ties (exactly half-way between two frames) going to the later one."""
