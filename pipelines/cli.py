@@ -1,0 +1,72 @@
+"""The `ms-temba` command.
+
+    ms-temba compose [OVERRIDE ...]          print params.yaml composed from conf/ (Hydra overrides)
+    ms-temba check [--params params.yaml]    validate a params file
+    ms-temba import-npy --src DIR --out SHARDS --hop-s S [--fps F]
+                                             per-video .npy features -> feature shards
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.config import ConfigError, compose_params_yaml, load_params, parse_params
+
+
+def _compose(args) -> int:
+    text = compose_params_yaml(args.overrides)
+    parse_params(__import__("yaml").safe_load(text))  # refuse to print an invalid configuration
+    sys.stdout.write(text)
+    return 0
+
+
+def _check(args) -> int:
+    load_params(args.params)
+    print(f"{args.params}: ok")
+    return 0
+
+
+def _import_npy(args) -> int:
+    from pipelines.import_npy import import_npy
+
+    imported, failures = import_npy(args.src, args.out, hop_s=args.hop_s, fps=args.fps, window_s=args.window_s,
+                                    videos_per_shard=args.videos_per_shard)
+    print(f"imported {imported} videos into {args.out}; {len(failures)} failed"
+          + (f" (see {args.out}/failures.jsonl)" if failures else ""))
+    return 1 if failures and not imported else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ms-temba", description="MS-Temba pipeline tools (see docs/pipeline.md)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compose = commands.add_parser("compose", help="print params.yaml composed from conf/ with Hydra overrides")
+    compose.add_argument("overrides", nargs="*", help="e.g. dataset=tsu train.lr=1e-3")
+    compose.set_defaults(run=_compose)
+
+    check = commands.add_parser("check", help="validate a params file")
+    check.add_argument("--params", default="params.yaml")
+    check.set_defaults(run=_check)
+
+    npy = commands.add_parser("import-npy", help="import per-video .npy features ((T, D) or (T, 1, 1, D)) as shards")
+    npy.add_argument("--src", required=True, help="folder of <video_id>.npy files")
+    npy.add_argument("--out", required=True, help="shard directory to write")
+    npy.add_argument("--hop-s", type=float, required=True, help="seconds between consecutive features")
+    npy.add_argument("--window-s", type=float, default=None, help="seconds covered by one feature (default: hop)")
+    npy.add_argument("--fps", type=float, default=None, help="frame rate the features were extracted at (recorded)")
+    npy.add_argument("--videos-per-shard", type=int, default=16)
+    npy.set_defaults(run=_import_npy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"ms-temba {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

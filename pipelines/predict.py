@@ -1,0 +1,473 @@
+"""`ms-temba predict`: detect actions in new videos with a trained model (models/model.pt).
+
+    ms-temba predict VIDEO_OR_DIR... --checkpoint models/model.pt --out predictions/ [--plot] [--ray]
+
+For every video: decode and extract features with the *same* extractor the model was trained on
+(rebuilt from the feature metadata recorded in the checkpoint, and checked against it), run the
+network over the whole video in one pass (MS-Temba is linear in the length, so no windowing), and
+write
+
+    {video}.probs.parquet    index, start_s, end_s, one float32 column per class (probabilities)
+    {video}.segments.json    [{"class_id", "class_name", "start_s", "end_s", "score"}, ...]
+    {video}.segments.csv     the same table as CSV
+    {video}.timeline.png     with --plot: the top classes' probabilities over time, segments drawn
+
+Segments come from `ms_temba.segments.probabilities_to_segments` (hysteresis thresholds, merge,
+minimum duration; see docs/predict.md). A video that fails (unreadable, too short) is recorded in
+`failures.jsonl` and the others go on; the exit code is non-zero only if every video failed. A
+checkpoint that does not fit the features (other backbone, feature dim, extractor weights) is a
+`PredictError` before any video is touched.
+
+`--ray` extracts a whole folder in parallel on Ray (extractors.run.extract_videos into a temporary
+shard directory) and then runs the model over the shards; `--features DIR` skips extraction and
+predicts every video of an existing shard directory.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from extractors.config import ExtractorConfig
+from extractors.shards import FeatureStore, VideoFeatures, metadata_mismatch
+from ms_temba.segments import Segment, probabilities_to_segments
+from pipelines.bundle import ModelBundle, load_bundle
+from pipelines.io import write_json, write_parquet, write_text
+
+# Defaults of the segment rule (docs/predict.md explains the choice).
+DEFAULT_THRESHOLD_ON = 0.5
+DEFAULT_THRESHOLD_OFF = 0.35
+DEFAULT_MIN_DURATION_S = 0.5
+DEFAULT_MERGE_GAP_S = 0.5
+DEFAULT_PLOT_TOP_K = 5
+
+PROBS_SUFFIX = ".probs.parquet"
+CLASS_NAMES_KEY = "ms_temba.class_names"  # JSON list in the probs file's schema metadata
+FAILURES_FILE = "failures.jsonl"
+# Feature metadata that may differ between training and prediction without changing the features'
+# meaning: the package version, the precision (fp16 on a GPU, fp32 on a CPU) and the weights
+# file's name (its sha256 is what identifies the weights).
+_NOT_FEATURE_DEFINING = {"package_version", "precision", "checkpoint"}
+# ExtractorConfig fields that the feature metadata records and that shape the features.
+_SAMPLING_FIELDS = ("fps", "image_size", "mode", "snippet_len", "stride", "clip_window")
+
+
+class PredictError(ValueError):
+    """A checkpoint or input that cannot be used for prediction; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained model and the extractor it needs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Predictor:
+    """A trained model with its class names and the description of the features it expects."""
+
+    model: torch.nn.Module
+    class_names: list[str]
+    feature_metadata: dict[str, Any]  # the training shards' extractor metadata (at least "dim")
+    device: torch.device
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> "Predictor":
+        bundle = read_model_file(path)
+        model = bundle.build_model(device)
+        in_dim = model.config.in_dim
+        trained_dim = bundle.features.get("dim")
+        if trained_dim is not None and trained_dim != in_dim:
+            raise PredictError(f"{path} is inconsistent: the model reads {in_dim}-d features but its feature "
+                               f"metadata says the training features were {trained_dim}-d")
+        if len(bundle.class_names) != model.config.num_classes:
+            raise PredictError(f"{path} is inconsistent: {len(bundle.class_names)} class names for a model with "
+                               f"{model.config.num_classes} classes")
+        return cls(model=model, class_names=list(bundle.class_names),
+                   feature_metadata={"dim": in_dim, **bundle.features}, device=torch.device(device))
+
+    @property
+    def in_dim(self) -> int:
+        return self.model.config.in_dim
+
+    def check_features(self, metadata: Mapping[str, Any], source: str) -> None:
+        """Raise PredictError if features described by `metadata` are not the ones the model was
+        trained on: a different dim always; a different backbone, sampling or extractor weights
+        when the checkpoint records them."""
+        if metadata.get("dim") != self.in_dim:
+            raise PredictError(f"{source} gives {metadata.get('dim')}-d features ({metadata.get('backbone')}), "
+                               f"but the model was trained on {self.in_dim}-d features "
+                               f"({self.feature_metadata.get('backbone', 'backbone not recorded')})")
+        if "backbone" not in self.feature_metadata:  # e.g. a converted release checkpoint: dim is all we know
+            return
+        differing = [key for key in metadata_mismatch(self.feature_metadata, metadata)
+                     if key not in _NOT_FEATURE_DEFINING and key in self.feature_metadata]
+        if differing:
+            details = ", ".join(f"{key}: trained {self.feature_metadata.get(key)!r}, now {metadata.get(key)!r}"
+                                for key in differing)
+            raise PredictError(f"{source} does not make the features the model was trained on ({details})")
+
+    @torch.inference_mode()
+    def probabilities(self, video: VideoFeatures) -> np.ndarray:
+        """(T, classes) probabilities of one video, the whole video in one forward pass."""
+        if video.dim != self.in_dim:
+            raise PredictError(f"features are {video.dim}-d but the model expects {self.in_dim}-d features")
+        if len(video) == 0:
+            raise PredictError("the video has no features (shorter than one snippet)")
+        features = torch.from_numpy(video.features).to(self.device)[None]
+        logits = self.model(features).logits[0]
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+def read_model_file(path: str | os.PathLike) -> ModelBundle:
+    """The ModelBundle in `path` (the train stage's models/model.pt), or PredictError saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (the train stage writes models/model.pt; "
+                                f"`ms-temba convert-release` converts an official release checkpoint)")
+    try:
+        return load_bundle(path)
+    except Exception as error:  # torch.load / format check: anything here means "not our model file"
+        raise PredictError(f"{path} is not an ms-temba model file ({type(error).__name__}: {error}); "
+                           f"an official release best_model.pth must first go through "
+                           f"`ms-temba convert-release`") from error
+
+
+def extractor_config_for(feature_metadata: Mapping[str, Any], weights: str | None = None,
+                         device: str = "auto", base: ExtractorConfig | None = None) -> ExtractorConfig:
+    """The ExtractorConfig that makes the features described by `feature_metadata` (the shard
+    metadata recorded in the checkpoint). The metadata records the weights file only by name and
+    hash, so a pretrained backbone needs its file passed as `weights` (the hash is checked after
+    building). `base` supplies what the metadata does not record (e.g. a converted release)."""
+    base = base or ExtractorConfig()
+    values = dataclasses.asdict(base)
+    values["device"] = device
+    if "backbone" in feature_metadata:
+        values["backbone"] = feature_metadata["backbone"]
+        if values["backbone"] == "clip":
+            values["model_name"] = feature_metadata.get("model_name", values["model_name"])
+        for key in _SAMPLING_FIELDS:
+            if feature_metadata.get(key) is not None or key == "fps":
+                values[key] = feature_metadata.get(key)
+        checkpoint = str(feature_metadata.get("checkpoint", ""))
+        values["pretrained_from_hub"] = checkpoint.startswith("timm-hub:")
+        if feature_metadata.get("pretrained") and weights is None and not values["pretrained_from_hub"]:
+            raise PredictError(f"the model was trained on features of pretrained {values['backbone']} weights "
+                               f"({checkpoint!r}); pass that file with --extractor-weights")
+    if weights is not None:
+        values["weights"] = str(weights)
+    try:
+        return ExtractorConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise PredictError(f"cannot rebuild the extractor from the checkpoint's feature metadata: {error}") from error
+
+
+def build_checked_extractor(predictor: Predictor, cfg: ExtractorConfig):
+    """Build the extractor exactly as the extract stage does (same seeding of a randomly initialised
+    backbone) and check that it makes the features the model was trained on."""
+    from extractors.run import ExtractionWorker
+
+    extractor = ExtractionWorker(cfg).extractor
+    predictor.check_features(extractor.metadata(), f"the {cfg.backbone} extractor")
+    return extractor
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs of one video
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SegmentRule:
+    """The parameters of ms_temba.segments.probabilities_to_segments."""
+
+    threshold_on: float = DEFAULT_THRESHOLD_ON
+    threshold_off: float = DEFAULT_THRESHOLD_OFF
+    min_duration_s: float = DEFAULT_MIN_DURATION_S
+    merge_gap_s: float = DEFAULT_MERGE_GAP_S
+
+    def apply(self, probs: np.ndarray, video: VideoFeatures) -> list[Segment]:
+        return probabilities_to_segments(probs, video.start_s, video.end_s, **dataclasses.asdict(self))
+
+
+def probability_columns(class_names: list[str]) -> list[str]:
+    """Column names of the class probabilities: the class names when they are unique and do not
+    clash with the time columns, else class_0, class_1, ..."""
+    reserved = {"index", "start_s", "end_s"}
+    if len(set(class_names)) == len(class_names) and not reserved & set(class_names):
+        return list(class_names)
+    return [f"class_{i}" for i in range(len(class_names))]
+
+
+def write_probabilities(path: Path, video: VideoFeatures, probs: np.ndarray, class_names: list[str]) -> None:
+    columns = {"index": pa.array(np.arange(len(video), dtype=np.int32)),
+               "start_s": pa.array(video.start_s), "end_s": pa.array(video.end_s)}
+    for i, name in enumerate(probability_columns(class_names)):
+        columns[name] = pa.array(probs[:, i].astype(np.float32))
+    table = pa.table(columns).replace_schema_metadata({CLASS_NAMES_KEY: json.dumps(class_names)})
+    write_parquet(path, table)
+
+
+def read_probabilities(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(probs (T, C), start_s (T,), end_s (T,), class names) of a {video}.probs.parquet file."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    metadata = table.schema.metadata or {}
+    if CLASS_NAMES_KEY.encode() not in metadata:
+        raise ValueError(f"{path} is not a prediction file of `ms-temba predict` (no {CLASS_NAMES_KEY!r} metadata)")
+    class_names = json.loads(metadata[CLASS_NAMES_KEY.encode()])
+    columns = probability_columns(class_names)
+    probs = np.stack([table.column(c).to_numpy() for c in columns], axis=1) if columns else np.empty((len(table), 0))
+    return probs, table.column("start_s").to_numpy(), table.column("end_s").to_numpy(), class_names
+
+
+def segment_records(segments: list[Segment], class_names: list[str]) -> list[dict[str, Any]]:
+    return [{"class_id": s.class_id, "class_name": class_names[s.class_id], "start_s": round(s.start_s, 4),
+             "end_s": round(s.end_s, 4), "score": round(s.score, 6)} for s in segments]
+
+
+def write_segments(out_dir: Path, video_id: str, records: list[dict[str, Any]]) -> None:
+    write_json(out_dir / f"{video_id}.segments.json", records)
+    fields = ["class_id", "class_name", "start_s", "end_s", "score"]
+    lines = [",".join(fields)]
+    for record in records:
+        lines.append(_csv_row([record[f] for f in fields]))
+    write_text(out_dir / f"{video_id}.segments.csv", "\n".join(lines) + "\n")
+
+
+def _csv_row(values: list[Any]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(values)
+    return buffer.getvalue()
+
+
+def plot_timeline(path: Path, video_id: str, video: VideoFeatures, probs: np.ndarray, segments: list[Segment],
+                  class_names: list[str], rule: SegmentRule, top_k: int = DEFAULT_PLOT_TOP_K) -> None:
+    """A PNG: the probability curves of the top-k classes (by peak probability) over time, one row
+    each, with the detected segments shaded and the on/off thresholds drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    peaks = probs.max(axis=0) if len(probs) else np.zeros(probs.shape[1])
+    shown = [int(c) for c in np.argsort(-peaks, kind="stable")[:top_k]]
+    centres = (video.start_s + video.end_s) / 2
+    figure, axes = plt.subplots(len(shown), 1, figsize=(10, 1.1 * len(shown) + 0.8), sharex=True, squeeze=False)
+    for axis, class_id in zip(axes[:, 0], shown):
+        axis.plot(centres, probs[:, class_id], color="tab:blue", linewidth=1.0)
+        for segment in segments:
+            if segment.class_id == class_id:
+                axis.axvspan(segment.start_s, segment.end_s, color="tab:orange", alpha=0.35, linewidth=0)
+        axis.axhline(rule.threshold_on, color="grey", linestyle="--", linewidth=0.6)
+        axis.axhline(rule.threshold_off, color="grey", linestyle=":", linewidth=0.6)
+        axis.set_ylim(0, 1)
+        axis.set_ylabel(class_names[class_id], rotation=0, ha="right", va="center", fontsize=8)
+        axis.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("time (s)")
+    figure.suptitle(f"{video_id}: top {len(shown)} classes (shaded: detected segments)", fontsize=9)
+    figure.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        figure.savefig(temporary, dpi=100)
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many videos
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PredictSummary:
+    ok: list[str] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{len(self.ok)} video(s) predicted, {len(self.failures)} failed"
+
+
+def predict_one(predictor: Predictor, video_id: str, video: VideoFeatures, out_dir: Path, rule: SegmentRule,
+                plot: bool) -> list[Segment]:
+    """Probabilities, segments (and the timeline with `plot`) of one video's features, written to out_dir."""
+    probs = predictor.probabilities(video)
+    segments = rule.apply(probs, video)
+    write_probabilities(out_dir / f"{video_id}{PROBS_SUFFIX}", video, probs, predictor.class_names)
+    write_segments(out_dir, video_id, segment_records(segments, predictor.class_names))
+    if plot:
+        plot_timeline(out_dir / f"{video_id}.timeline.png", video_id, video, probs, segments,
+                      predictor.class_names, rule)
+    return segments
+
+
+def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: ExtractorConfig, out_dir: str | os.PathLike,
+                   rule: SegmentRule = SegmentRule(), plot: bool = False, use_ray: bool = False,
+                   ray_address: str | None = None, log=print) -> PredictSummary:
+    """Predict every video of {video_id: path}; a failing video is recorded and skipped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary()
+    if use_ray:
+        from extractors.run import extract_videos
+
+        with tempfile.TemporaryDirectory(prefix="ms-temba-predict-") as shards_dir:
+            extraction = extract_videos(dict(videos), cfg, shards_dir, ray_address=ray_address)
+            log(f"extracted on Ray: {extraction}")
+            store = FeatureStore(shards_dir)
+            summary.failures += [_failure_record(f.get("video_id", "?"), f.get("path", "?"), f.get("error_type", "Error"),
+                                                 f.get("message", "")) for f in store.failures]
+            if len(store):
+                predictor.check_features(store.metadata, "the Ray extraction")
+            _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in store.video_ids),
+                              predictor, out_dir, rule, plot, summary, videos, log)
+    else:
+        extractor = build_checked_extractor(predictor, cfg)
+        _predict_features(((video_id, lambda p=path: extractor.extract(p)) for video_id, path in videos.items()),
+                          predictor, out_dir, rule, plot, summary, videos, log)
+    _write_failures(out_dir, summary.failures)
+    return summary
+
+
+def predict_store(store: FeatureStore, predictor: Predictor, out_dir: str | os.PathLike,
+                  rule: SegmentRule = SegmentRule(), plot: bool = False, log=print) -> PredictSummary:
+    """Predict every video of an existing shard directory (no decoding)."""
+    if len(store) == 0:
+        raise PredictError(f"{store.shards_dir} holds no feature shards")
+    predictor.check_features(store.metadata, f"the feature shards in {store.shards_dir}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary()
+    _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in store.video_ids),
+                      predictor, out_dir, rule, plot, summary, {}, log)
+    _write_failures(out_dir, summary.failures)
+    return summary
+
+
+def _predict_features(items: Iterable, predictor, out_dir, rule, plot, summary, paths, log) -> None:
+    for video_id, load in items:
+        try:
+            video = load()
+            segments = predict_one(predictor, video_id, video, out_dir, rule, plot)
+        except PredictError:
+            raise  # the checkpoint does not fit: every other video would fail the same way
+        except Exception as error:  # one bad video (unreadable, too short...) must not stop the rest
+            summary.failures.append(_failure_record(video_id, paths.get(video_id, ""), type(error).__name__,
+                                                    str(error)))
+            log(f"FAILED {video_id}: {type(error).__name__}: {error}")
+            continue
+        summary.ok.append(video_id)
+        log(f"{video_id}: {len(video)} feature frames, {len(segments)} segments")
+
+
+def _failure_record(video_id: str, path: str, error_type: str, message: str) -> dict[str, str]:
+    return {"video_id": video_id, "path": str(path), "error_type": error_type, "message": message}
+
+
+def _write_failures(out_dir: Path, failures: list[dict[str, str]]) -> None:
+    path = out_dir / FAILURES_FILE
+    if failures:
+        write_text(path, "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+    else:
+        path.unlink(missing_ok=True)  # a stale record of an earlier run would be misleading
+
+
+def collect_videos(inputs: list[str]) -> dict[str, str]:
+    """{video_id: path} of the given files and of the video files in the given directories."""
+    from extractors.run import find_videos
+
+    videos: dict[str, str] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = find_videos(path)
+            if not found:
+                raise PredictError(f"{path} contains no video files")
+        elif path.exists():
+            found = {path.stem: str(path)}
+        else:
+            raise FileNotFoundError(f"{path}: no such video file or directory")
+        for video_id, video_path in found.items():
+            if video_id in videos and videos[video_id] != video_path:
+                raise PredictError(f"two inputs are named {video_id!r}: {videos[video_id]} and {video_path}; "
+                                   f"outputs are named after the video, so rename one")
+            videos[video_id] = video_path
+    return videos
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="ms-temba predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="*", metavar="VIDEO_OR_DIR", help="video files and/or folders of videos")
+    parser.add_argument("--checkpoint", default="models/model.pt", help="the trained model (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--features", metavar="SHARDS_DIR",
+                        help="predict the videos of an existing feature shard directory instead of decoding videos")
+    parser.add_argument("--plot", action="store_true", help="also write a timeline PNG per video")
+    parser.add_argument("--ray", action="store_true", help="extract the videos in parallel on Ray")
+    parser.add_argument("--ray-address", help="Ray cluster to join with --ray (default: a local one)")
+    parser.add_argument("--extractor-weights", help="the backbone weights file the training features were made with "
+                                                    "(required when they came from a pretrained backbone)")
+    parser.add_argument("--extractor-config", help="YAML of ExtractorConfig fields, for checkpoints that do not "
+                                                   "record their extractor (converted release checkpoints)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threshold-on", type=float, default=DEFAULT_THRESHOLD_ON)
+    parser.add_argument("--threshold-off", type=float, default=DEFAULT_THRESHOLD_OFF)
+    parser.add_argument("--min-duration", type=float, default=DEFAULT_MIN_DURATION_S, help="seconds")
+    parser.add_argument("--merge-gap", type=float, default=DEFAULT_MERGE_GAP_S, help="seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 if at least one video was predicted, 1 if all failed, 2 for a usage/checkpoint error."""
+    args = build_parser().parse_args(argv)
+    try:
+        if bool(args.inputs) == bool(args.features):
+            raise PredictError("give either videos/folders or --features SHARDS_DIR (exactly one of them)")
+        rule = SegmentRule(args.threshold_on, args.threshold_off, args.min_duration, args.merge_gap)
+        probabilities_to_segments(np.zeros((0, 1)), np.zeros(0), np.zeros(0), **dataclasses.asdict(rule))  # validate
+        device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+        predictor = Predictor.from_checkpoint(args.checkpoint, device)
+        if args.features:
+            summary = predict_store(FeatureStore(args.features), predictor, args.out, rule, args.plot)
+        else:
+            videos = collect_videos(args.inputs)
+            base = None
+            if args.extractor_config:
+                from extractors.run import load_config
+
+                base = load_config(args.extractor_config, [])
+            elif "backbone" not in predictor.feature_metadata:
+                raise PredictError(f"{args.checkpoint} does not record which extractor made its features; "
+                                   f"pass --extractor-config")
+            cfg = extractor_config_for(predictor.feature_metadata, args.extractor_weights, args.device, base)
+            summary = predict_videos(videos, predictor, cfg, args.out, rule, args.plot, args.ray, args.ray_address)
+    except (PredictError, FileNotFoundError, ValueError) as error:
+        print(f"ms-temba predict: error: {error}", file=sys.stderr)
+        return 2
+    print(f"ms-temba predict: {summary} -> {args.out}")
+    for failure in summary.failures:
+        print(f"  failed: {failure['video_id']} ({failure['error_type']}: {failure['message']})", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The configuration: conf/ composes into valid params for every dataset, params.yaml is the
+composed default (as DVC itself would write it), and bad values are rejected naming the key."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import (CONF_DIR, PROJECT_ROOT, ConfigError, compose_params, compose_params_yaml,
+                              load_params, parse_params)
+
+DATASETS = sorted(path.stem for path in (CONF_DIR / "dataset").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def default_params() -> dict:
+    return compose_params()
+
+
+def test_committed_params_yaml_is_the_composed_default():
+    # DVC's own Hydra composition (what `dvc exp run -S ...` writes) is the reference.
+    from dvc.utils.hydra import compose_and_dump
+
+    written_by_dvc = PROJECT_ROOT / ".pytest-params-by-dvc.yaml"
+    try:
+        compose_and_dump(written_by_dvc, str(CONF_DIR), None, "config", str(PROJECT_ROOT), [])
+        by_dvc = written_by_dvc.read_text()
+    finally:
+        written_by_dvc.unlink(missing_ok=True)
+    assert compose_params_yaml() == by_dvc
+    assert (PROJECT_ROOT / "params.yaml").read_text() == by_dvc, \
+        "params.yaml is stale: regenerate it with `ms-temba compose > params.yaml`"
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("recipe", [[], ["model=ms_temba", "train=release"]])
+def test_every_dataset_composes_into_valid_params(dataset, recipe):
+    params = parse_params(compose_params([f"dataset={dataset}", *recipe]))
+    assert params.dataset.name == dataset
+    assert params.train.lr == 5e-4 and params.train.weight_decay == 0.01
+
+
+def test_tiny_experiment_shrinks_the_synthetic_run():
+    tiny, default = parse_params(compose_params(["experiment=tiny"])), parse_params(compose_params())
+    assert tiny.dataset.synthetic["num_videos"] < default.dataset.synthetic["num_videos"]
+    assert tiny.train.epochs < default.train.epochs
+    assert tiny.dataset.num_classes == tiny.dataset.synthetic["num_classes"] == 6
+    # It is made for the synthetic data: on a real dataset its synthetic settings are an error.
+    with pytest.raises(ConfigError, match="^dataset.num_classes: is 157 but dataset.synthetic.num_classes is 6"):
+        parse_params(compose_params(["dataset=charades", "experiment=tiny"]))
+
+
+def test_dataset_specifics():
+    tsu = parse_params(compose_params(["dataset=tsu"])).dataset
+    assert (tsu.num_classes, tsu.time_unit, tsu.synthetic) == (51, "frames", None)
+    charades = parse_params(compose_params(["dataset=charades", "extractor=clip"]))
+    assert (charades.dataset.num_classes, charades.extractor.backbone) == (157, "clip")
+    assert charades.extractor.image_size == 224  # synthetic's 112 px does not leak into real data
+    synthetic = parse_params(compose_params())
+    assert synthetic.dataset.num_classes == synthetic.dataset.synthetic["num_classes"]
+    assert synthetic.extractor.image_size == synthetic.dataset.synthetic["size"]
+
+
+def test_release_recipe():
+    recipe = parse_params(compose_params(["train=release"])).train
+    assert (recipe.lr, recipe.weight_decay, recipe.warmup_epochs, recipe.beta, recipe.alpha) == (5e-4, 0.01, 5, 0.3, 100.0)
+
+
+def with_value(params: dict, dotted: str, value) -> dict:
+    changed = copy.deepcopy(params)
+    *parents, last = dotted.split(".")
+    node = changed
+    for key in parents:
+        node = node.setdefault(key, {}) if key == "overrides" else node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return changed
+
+
+DELETE = object()
+BAD_VALUES = [
+    ("train.lr", -1e-3),
+    ("train.lr", 0),
+    ("train.lrr", 1e-3),  # typo: unknown key
+    ("train.epochs", "ten"),
+    ("train.epochs", 2.5),
+    ("train.epochs", 0),
+    ("train.batch_size", True),
+    ("train.val_fraction", 0.0),
+    ("train.val_fraction", 1.0),
+    ("train.warmup_epochs", 50),
+    ("train.weight_decay", -0.1),
+    ("train.device", "tpu"),
+    ("model.name", "ms_temba_huge"),
+    ("model.overrides.widths", []),
+    ("model.overrides.d_state", 0),
+    ("model.overrides.in_dim", 768),
+    ("model.overrides.colour", "red"),
+    ("dataset.num_classes", 0),
+    ("dataset.time_unit", "hours"),
+    ("dataset.annotation_fps", -25.0),
+    ("dataset.feature_source", "pixels"),
+    ("dataset.name", "a/b"),
+    ("dataset.annotations", DELETE),
+    ("dataset.synthetic.num_vidoes", 3),
+    ("dataset.test_subset", "training"),
+    ("extractor.fps", -1.0),
+    ("extractor.image_size", 0),
+    ("extractor.backbone", "resnet"),
+    ("extractor.batchsize", 4),
+    ("eval.threshold", 1.5),
+    ("eval.action_offsets", [-1]),
+    ("eval.num_timelines", "all"),
+    ("ray_address", 5),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_VALUES])
+def test_bad_values_name_the_key(default_params, key, value):
+    with pytest.raises(ConfigError) as raised:
+        parse_params(with_value(default_params, key, value))
+    assert raised.value.key == key
+    assert str(raised.value).startswith(f"{key}:")
+
+
+def test_missing_section_and_non_mapping(default_params):
+    without_train = {k: v for k, v in default_params.items() if k != "train"}
+    with pytest.raises(ConfigError, match="^train: section is missing"):
+        parse_params(without_train)
+    with pytest.raises(ConfigError, match="^train: must be a mapping"):
+        parse_params({**default_params, "train": [1, 2]})
+    with pytest.raises(ConfigError, match="^<root>"):
+        parse_params(["not", "a", "mapping"])
+
+
+def test_npy_source_needs_a_hop(default_params):
+    npy = with_value(with_value(default_params, "dataset.feature_source", "npy"), "dataset.synthetic", None)
+    with pytest.raises(ConfigError, match="^dataset.npy_hop_s:"):
+        parse_params(npy)
+    assert parse_params(with_value(npy, "dataset.npy_hop_s", 0.5)).dataset.npy_hop_s == 0.5
+
+
+def test_cli_check_reports_the_key(tmp_path, default_params):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(with_value(default_params, "train.val_fraction", 1.5)))
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "--params", str(path)],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 2
+    assert "train.val_fraction: must be in (0, 1), got 1.5" in result.stderr
+    assert load_params(PROJECT_ROOT / "params.yaml").dataset.name == "synthetic"
