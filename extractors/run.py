@@ -128,7 +128,10 @@ def _actor_class(cfg: ExtractorConfig):
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
     per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    count = cfg.num_actors or gpus or max(1, int(resources.get("CPU", 1)))
+    # More actors than the cluster can place would never start, and the videos handed to them
+    # would wait forever: cap num_actors at the cluster's GPUs (or CPUs).
+    capacity = gpus or max(1, int(resources.get("CPU", 1)))
+    count = min(cfg.num_actors or capacity, capacity)
     actor = ray.remote(ExtractionWorker).options(
         **per_actor, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
     return actor, count
