@@ -142,6 +142,8 @@ def write_shard(path: str | os.PathLike, items: Iterable[tuple[str, VideoFeature
                 writer.write_table(table, row_group_size=len(table))  # exactly one row group per video
                 video_ids.append(video_id)
             writer.add_key_value_metadata({VIDEO_IDS_KEY: json.dumps(video_ids)})
+        with open(temporary, "rb") as written:  # on disk before it gets the final name, even if the machine dies
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -160,6 +160,20 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     assert exited.value.code == 2
 
 
+def test_find_videos_from_directory_and_manifest(tmp_path):
+    from extractors.run import find_videos
+
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "b.avi").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a video")
+    assert find_videos(tmp_path) == {"a": str(tmp_path / "a.mp4"), "b": str(tmp_path / "b.avi")}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"x": "a.mp4", "y": {"path": "/abs/y.mp4", "fps": 30}}')
+    assert find_videos(manifest) == {"x": str(tmp_path / "a.mp4"), "y": "/abs/y.mp4"}
+    with pytest.raises(FileNotFoundError):
+        find_videos(tmp_path / "absent")
+
+
 def test_load_config_yaml_and_overrides(tmp_path):
     path = tmp_path / "extractor.yaml"
     path.write_text("extractor:\n  backbone: i3d\n  fps: 25.0\n  num_actors: 3\n")
