@@ -83,8 +83,11 @@ class ExtractionWorker:
 
         from extractors.backbones import build_extractor  # imported in the worker process
 
-        torch.manual_seed(RANDOM_INIT_SEED)
-        self.extractor = build_extractor(cfg)
+        # fork_rng: seed the build without changing the random state of a process that builds a
+        # worker in-process (pipelines.predict does). Weights are initialised on the CPU.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            self.extractor = build_extractor(cfg)
 
     def shard_metadata(self) -> dict[str, Any]:
         return dict(self.extractor.metadata())
