@@ -150,6 +150,21 @@ def test_killed_worker_loses_nothing(local_ray, dataset, reference_features, tmp
     assert [f["video_id"] for f in FeatureStore(tmp_path).failures] == ["broken"]
 
 
+def test_workers_draw_the_same_random_init_and_leave_the_rng_alone(dataset):
+    import torch
+
+    from extractors.run import ExtractionWorker
+
+    cfg = ExtractorConfig(**CONFIG)
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first, second = ExtractionWorker(cfg), ExtractionWorker(cfg)
+    assert torch.equal(torch.rand(3), expected_draw)
+    path = dataset["synthetic_0000"]
+    np.testing.assert_array_equal(first.extract(path).features, second.extract(path).features)
+
+
 def test_cli_rejects_bad_config(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     with pytest.raises(SystemExit) as exited:
