@@ -404,8 +404,11 @@ def write_mp4(path: Path, frames, fps: int, size: int) -> None:
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         # crf 18: visually lossless, the colours the classes are made of survive compression.
-        # One thread: x264's output then depends only on its input (byte-identical reruns).
-        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        # mbtree=0: with x264's macroblock-tree rate control the bitstream of these small frames
+        # changed between identical runs in one process (it reads memory it did not write);
+        # without it, and on one thread, the same frames give byte-identical files.
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "mbtree=0"}
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())  # flush the delayed frames
