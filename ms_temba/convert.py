@@ -28,11 +28,13 @@ What our forward computes with the converted weights vs the release's forward:
 * The release's batches are zero-padded and never masked inside the network; ours masks.
 * Training-time only: the release applies DropPath(0.1) to the last Mamba layer of every stack
   (VisionMamba's default drop_path_rate, as MSTemba does not pass its own through).
+
+The command-line entry `ms-temba convert-release` (pipelines/export.py) writes the converted model
+as a pipelines.bundle model file for `ms-temba predict`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -180,43 +182,6 @@ def load_release_checkpoint(source: str | os.PathLike | Mapping | nn.Module,
 
 
 # ----------------------------------------------------------------------------------------------
-# `ms-temba convert-release SRC DST`
-# ----------------------------------------------------------------------------------------------
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="ms-temba convert-release",
-        description="Convert an official MS-Temba release checkpoint (best_model.pth) into this "
-                    "project's checkpoint format, for `ms-temba predict`.")
-    parser.add_argument("source", help="the release checkpoint (.pth)")
-    parser.add_argument("destination", help="where to write the converted checkpoint (e.g. models/model.pt)")
-    parser.add_argument("--class-names", help="text file with one class name per line (line i = class i)")
-    parser.add_argument("--extractor-config",
-                        help="YAML/JSON file with the ExtractorConfig the release's features were made "
-                             "with; without it the checkpoint records only the feature dim, and "
-                             "`ms-temba predict` needs --extractor-config to decode new videos")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow unpickling a checkpoint that stores a whole module object "
-                             "(can execute code from the file; only for files you trust)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`ms-temba convert-release SRC DST`: returns the exit code."""
-    from pipelines.checkpoint import save_checkpoint  # the pipeline's checkpoint format
-
-    args = build_parser().parse_args(argv)
-    model = load_release_checkpoint(args.source, trust_pickle=args.trust_pickle)
-    class_names = _read_class_names(args.class_names, model.config.num_classes)
-    extractor = _read_extractor_config(args.extractor_config) if args.extractor_config else None
-    save_checkpoint(args.destination, model, model_name=RELEASE_MODEL_NAME, class_names=class_names,
-                    extractor=extractor, feature_dim=model.config.in_dim,
-                    source={"converted_from": str(args.source)})
-    print(f"converted {args.source} -> {args.destination}: {model.config}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
@@ -257,23 +222,3 @@ def _overrides(config: MSTembaConfig) -> dict[str, Any]:
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(map(repr, keys[:limit]))
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _read_class_names(path: str | None, num_classes: int) -> list[str] | None:
-    if path is None:
-        return None
-    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if len(names) != num_classes:
-        raise ReleaseCheckpointError(
-            f"{path} lists {len(names)} class names but the checkpoint predicts {num_classes} classes"
-        )
-    return names
-
-
-def _read_extractor_config(path: str):
-    import yaml
-
-    from extractors.config import ExtractorConfig
-
-    with open(path) as stream:
-        return ExtractorConfig.from_dict(yaml.safe_load(stream) or {})
