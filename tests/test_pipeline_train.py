@@ -1,0 +1,213 @@
+"""The train stage: deterministic data handling, the schedule, and kill-and-resume reproducibility.
+
+The training data are .npy features imported through the manifest and extract stages (no video
+decoding), with a class signal the model can learn.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipelines import extract as extract_stage
+from pipelines import manifest as manifest_stage
+from pipelines.bundle import load_bundle
+from pipelines.config import PROJECT_ROOT, compose_params
+from pipelines.data import Sequence, split_train_val, training_batches
+from pipelines.train import warmup_cosine
+
+NUM_CLASSES, DIM, HOP_S, EPOCHS = 4, 16, 0.5, 4
+
+
+def test_validation_split_is_deterministic_disjoint_and_stable():
+    ids = [f"video{i:03d}" for i in range(40)]
+    train, val = split_train_val(ids, 0.25, seed=3)
+    assert len(val) == 10 and sorted(train + val) == ids
+    assert split_train_val(list(reversed(ids)), 0.25, seed=3) == (train, val)
+    assert split_train_val(ids, 0.25, seed=4)[1] != val
+    # A new video changes nothing for the others (ranks come from a hash of each id).
+    _, val_more = split_train_val(ids + ["video999"], 0.25, seed=3)
+    assert len(set(val) - set(val_more)) <= 1
+    with pytest.raises(ValueError, match="at least 2"):
+        split_train_val(["only"], 0.5, seed=0)
+
+
+def test_training_batches_pad_mask_and_replay():
+    rng = np.random.default_rng(0)
+    sequences = [Sequence(f"v{i}", rng.standard_normal((n, 3)).astype(np.float32),
+                          (rng.random((n, 2)) > 0.5).astype(np.float32)) for i, n in enumerate([5, 12, 30, 2, 9])]
+    batches = list(training_batches(sequences, batch_size=2, crop_length=8, seed=1, epoch=3))
+    again = list(training_batches(sequences, batch_size=2, crop_length=8, seed=1, epoch=3))
+    other_epoch = list(training_batches(sequences, batch_size=2, crop_length=8, seed=1, epoch=4))
+    assert [b.features.shape[0] for b in batches] == [2, 2, 1]
+    for first, second in zip(batches, again):
+        assert torch.equal(first.features, second.features) and torch.equal(first.mask, second.mask)
+    assert any(not torch.equal(a.features, b.features) or a.features.shape != b.features.shape
+               for a, b in zip(batches, other_epoch))
+    seen = 0
+    for batch in batches:
+        for row in range(batch.features.shape[0]):
+            length = int(batch.mask[row].sum())
+            assert batch.mask[row, :length].all() and not batch.mask[row, length:].any()  # padding at the end
+            assert (batch.features[row, length:] == 0).all()
+            crop = batch.features[row, :length].numpy()
+            # the crop is a contiguous window of one sequence, of length min(8, T)
+            source = next(s for s in sequences if any(np.array_equal(crop, s.features[o:o + length])
+                                                      for o in range(len(s.features) - length + 1)))
+            assert length == min(8, len(source.features))
+            seen += 1
+    assert seen == len(sequences)
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(warmup_steps=4, total_steps=12)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    for step in range(4, 12):
+        assert factor(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 4) / 8)))
+    assert factor(12) == pytest.approx(0.0)
+
+
+def make_npy_dataset(root, num_videos=10, seed=0):
+    """Features = the frame's label vector through a fixed random projection, plus noise."""
+    rng = np.random.default_rng(seed)
+    projection = rng.standard_normal((NUM_CLASSES, DIM)).astype(np.float32)
+    (root / "npy").mkdir()
+    annotations = {}
+    for index in range(num_videos):
+        length = int(rng.integers(20, 32))
+        duration = length * HOP_S
+        actions = []
+        for _ in range(int(rng.integers(2, 6))):
+            start = float(rng.uniform(0, duration - 2))
+            actions.append([int(rng.integers(NUM_CLASSES)), round(start, 2), round(start + rng.uniform(1, 6), 2)])
+        centres = (np.arange(length) + 0.5) * HOP_S
+        labels = np.zeros((length, NUM_CLASSES), dtype=np.float32)
+        for label, start, end in actions:
+            labels[(centres >= start) & (centres <= end), label] = 1
+        features = labels @ projection + 0.3 * rng.standard_normal((length, DIM)).astype(np.float32)
+        video_id = f"vid{index:02d}"
+        np.save(root / "npy" / f"{video_id}.npy", features)
+        annotations[video_id] = {"subset": "testing" if index >= num_videos - 2 else "training",
+                                 "duration": duration, "actions": actions}
+    (root / "annotations.json").write_text(json.dumps(annotations))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """params.yaml, manifest and shards of a small .npy dataset."""
+    root = tmp_path_factory.mktemp("npy_data")
+    make_npy_dataset(root)
+    params = compose_params([
+        "experiment=tiny", "dataset.synthetic=null", f"dataset.num_classes={NUM_CLASSES}", "dataset.class_names=null",
+        "dataset.feature_source=npy", f"dataset.video_dir={root / 'npy'}", f"dataset.annotations={root / 'annotations.json'}",
+        f"dataset.npy_hop_s={HOP_S}", f"train.epochs={EPOCHS}", "train.warmup_epochs=1", "train.batch_size=3",
+        "train.num_clips=16", "train.val_fraction=0.25", "+model.overrides.dropout=0.1"])
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    manifest_stage.main(["--params", str(root / "params.yaml"), "--out", str(root / "manifest.parquet"),
+                         "--report", str(root / "report.json")])
+    extract_stage.main(["--params", str(root / "params.yaml"), "--manifest", str(root / "manifest.parquet"),
+                        "--out", str(root / "shards")])
+    return root
+
+
+def train_command(data, run):
+    return [sys.executable, "-m", "pipelines.train", "--params", str(data / "params.yaml"),
+            "--manifest", str(data / "manifest.parquet"), "--shards", str(data / "shards"),
+            "--checkpoints", str(run / "checkpoints"), "--out", str(run / "model.pt"), "--log", str(run / "log.csv")]
+
+
+def run_training(data, run):
+    result = subprocess.run(train_command(data, run), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def log_without_timing(path):
+    lines = path.read_text().splitlines()
+    return [line.rsplit(",", 1)[0] for line in lines]  # the last column is the epoch's wall time
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    run_training(prepared, run)
+    return run
+
+
+def chance_map_of(annotations_path, video_ids, lengths):
+    """Percent mAP of a constant score on these videos, labels re-derived by a plain loop."""
+    from ms_temba.metrics import chance_map
+
+    annotations = json.loads(annotations_path.read_text())
+    labels = []
+    for video_id in video_ids:
+        frames = np.zeros((lengths[video_id], NUM_CLASSES))
+        for t in range(lengths[video_id]):
+            for label, start, end in annotations[video_id]["actions"]:
+                frames[t, label] = max(frames[t, label], float(start <= (t + 0.5) * HOP_S <= end))
+        labels.append(frames)
+    return 100 * chance_map(np.concatenate(labels))
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_weights(prepared, uninterrupted, tmp_path):
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(train_command(prepared, interrupted), cwd=PROJECT_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # in the middle of epoch 2 (or later), never after the last one
+    assert process.wait() == -signal.SIGKILL
+    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    assert 1 <= killed_at < EPOCHS and not (interrupted / "model.pt").exists()
+
+    output = run_training(prepared, interrupted)
+    assert f"resuming after epoch {killed_at}" in output
+
+    expected, resumed = load_bundle(uninterrupted / "model.pt"), load_bundle(interrupted / "model.pt")
+    assert expected.state_dict.keys() == resumed.state_dict.keys()
+    for name, weight in expected.state_dict.items():
+        assert torch.equal(weight, resumed.state_dict[name]), name
+    assert (expected.selected_epoch, expected.val_map) == (resumed.selected_epoch, resumed.val_map)
+    assert log_without_timing(uninterrupted / "log.csv") == log_without_timing(interrupted / "log.csv")
+
+
+@pytest.mark.slow
+def test_the_bundle_describes_the_run_and_beats_chance(prepared, uninterrupted):
+    bundle = load_bundle(uninterrupted / "model.pt")
+    assert len(bundle.val_videos) == 2 and len(bundle.train_videos) == 6
+    assert not set(bundle.val_videos) & set(bundle.train_videos)
+    assert bundle.model_config["num_classes"] == NUM_CLASSES and bundle.model_config["in_dim"] == DIM
+    assert bundle.features["backbone"] == "npy" and bundle.class_names == [f"class_{c}" for c in range(NUM_CLASSES)]
+    log = log_without_timing(uninterrupted / "log.csv")
+    assert len(log) == 1 + EPOCHS
+    lengths = {v: len(np.load(prepared / "npy" / f"{v}.npy")) for v in bundle.val_videos}
+    assert bundle.val_map > chance_map_of(prepared / "annotations.json", bundle.val_videos, lengths)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_configuration_is_not_resumed(prepared, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    changed = tmp_path / "data"
+    changed.mkdir()
+    for name in ("manifest.parquet", "shards"):
+        os.symlink(prepared / name, changed / name)
+    (changed / "params.yaml").write_text(yaml.safe_dump(params))
+    output = run_training(changed, run)
+    assert "belongs to another configuration" in output
+    assert len(log_without_timing(run / "log.csv")) == 1 + 2  # header + the 2 epochs of the new run
