@@ -125,7 +125,7 @@ class Predictor:
             raise PredictError(f"features are {video.dim}-d but the model expects {self.in_dim}-d features")
         if len(video) == 0:
             raise PredictError("the video has no features (shorter than one snippet)")
-        features = torch.from_numpy(video.features).to(self.device)[None]
+        features = torch.tensor(video.features, device=self.device)[None]  # a copy: shard arrays are read-only
         logits = self.model(features).logits[0]
         return torch.sigmoid(logits.float()).cpu().numpy()
 
