@@ -26,7 +26,7 @@ pays off (a per-frame classifier cannot tell the members of a pair apart):
 
 Every video is drawn from its own random stream (seed, video index), so video i does not depend on
 how many videos are made; the train/test split does. Same arguments -> identical annotations and
-byte-identical mp4 files (libx264 is run single-threaded, which makes its output deterministic).
+byte-identical mp4 files (see `write_mp4` for the x264 settings this takes).
 
 CLI: `python -m extractors.synthetic --out DIR [--num-videos N --num-classes C --seed S ...]`.
 """
@@ -38,7 +38,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -319,20 +319,16 @@ def make_timeline(rng: np.random.Generator, num_frames: int, fps: int, num_class
         _fill(track, [CLASS_INDEX["white_rain_falling"]], (8.0, 20.0), (15.0, 45.0))
         tracks.append(track)
 
-    # Two object tracks (medium); the teal square lives only on the first one, so that its
-    # occurrences never overlap and "first" vs "again" is well defined. It is listed twice (drawn
-    # twice as often as the other objects) so that most videos show it again after the first time.
+    # Two object tracks (medium). The teal square lives only on the first one, so that its
+    # occurrences never overlap and "first" vs "again" is well defined; it is listed twice (drawn
+    # twice as often as each other object) so that most videos show it again after the first time.
     objects = labels(["yellow_disk_moving_right", "magenta_square_moving_down", "cyan_bar_rotating",
                       "orange_disk_pulsing"])
-    first_objects: list[Action] = []
-    for choices in (objects + labels(["teal_square_spinning_first"] * 2), objects):
-        if choices:
-            track = _Track(rng, fps, num_frames)
-            _fill(track, choices, MEDIUM_S, (1.0, 6.0), avoid=first_objects)
-            first_objects = first_objects or track.actions
-            tracks.append(track)
-    teal = [a for t in tracks for a in t.actions if a.label == CLASS_INDEX["teal_square_spinning_first"]]
-    _relabel_repeats(tracks, teal, again_enabled=enabled("teal_square_spinning_again"))
+    if objects:
+        first, second = _Track(rng, fps, num_frames), _Track(rng, fps, num_frames)
+        _fill(first, objects + labels(["teal_square_spinning_first"] * 2), MEDIUM_S, (1.0, 6.0))
+        _fill(second, objects, MEDIUM_S, (1.0, 6.0), avoid=first.actions)
+        tracks += [first, second]
 
     # Short events; half of them are a cue followed by the purple disk, which lives on this track
     # too so that no other event can come between a cue and its disk.
@@ -361,17 +357,17 @@ def make_timeline(rng: np.random.Generator, num_frames: int, fps: int, num_class
             track.wait((2.0, 6.0))
         tracks.append(track)
 
-    return sorted((a for t in tracks for a in t.actions), key=lambda a: (a.start, a.label))
+    timeline = sorted((a for t in tracks for a in t.actions), key=lambda a: (a.start, a.label))
 
-
-def _relabel_repeats(tracks: list[_Track], occurrences: list[Action], again_enabled: bool) -> None:
-    """Every occurrence after the first becomes "again" (or is dropped if that class is disabled)."""
-    later = {id(a) for a in sorted(occurrences, key=lambda a: a.start)[1:]}
-    for track in tracks:
-        track.actions = [
-            Action(CLASS_INDEX["teal_square_spinning_again"], a.start, a.end, a.placement)
-            if id(a) in later else a
-            for a in track.actions if id(a) not in later or again_enabled]
+    # Only the first teal square of the video is "first"; every later one is "again" (or is left
+    # out when that class is disabled).
+    first_teal, timeline = CLASS_INDEX["teal_square_spinning_first"], list(timeline)
+    teal_indices = [i for i, a in enumerate(timeline) if a.label == first_teal]
+    for i in teal_indices[1:]:
+        timeline[i] = replace(timeline[i], label=CLASS_INDEX["teal_square_spinning_again"])
+    if not enabled("teal_square_spinning_again"):
+        timeline = [a for a in timeline if a.label != CLASS_INDEX["teal_square_spinning_again"]]
+    return timeline
 
 
 # ----------------------------------------------------------------------------------------------
