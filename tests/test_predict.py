@@ -231,3 +231,108 @@ def test_convert_release_rejects_wrong_class_names(tmp_path):
 
     with pytest.raises(ExportError, match="3 class names given for a checkpoint with 4 classes"):
         convert_release(tmp_path / "best_model.pth", tmp_path / "release.pt", class_names=["a", "b", "c"])
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: synthetic videos -> I3D features -> tiny model -> predict on an unseen video
+# --------------------------------------------------------------------------------------------
+
+def temporal_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    intersection = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return intersection / union if union > 0 else 0.0
+
+
+def train_tiny_model(videos: dict[str, VideoFeatures], actions: dict[str, list], num_classes: int,
+                     steps: int) -> torch.nn.Module:
+    """ms_temba_tiny trained with ms_temba_loss on whole videos (one padded batch). Inputs are
+    standardised for the optimiser, and the standardisation is then folded into the first layer,
+    so the returned model reads raw extractor features exactly as predict feeds them."""
+    from ms_temba.losses import ms_temba_loss
+
+    ids = sorted(videos)
+    length = max(len(videos[v]) for v in ids)
+    dim = videos[ids[0]].dim
+    features = torch.zeros(len(ids), length, dim)
+    labels = torch.zeros(len(ids), length, num_classes)
+    mask = torch.zeros(len(ids), length, dtype=torch.bool)
+    for b, video_id in enumerate(ids):
+        video = videos[video_id]
+        centres = (video.start_s + video.end_s) / 2
+        features[b, :len(video)] = torch.from_numpy(video.features)
+        mask[b, :len(video)] = True
+        for c, start, end in actions[video_id]:
+            labels[b, :len(video), c] = torch.from_numpy(((centres >= start) & (centres < end)).astype(np.float32))
+    mean, std = features[mask].mean(0), features[mask].std(0) + 1e-6
+    standardised = (features - mean) / std
+
+    torch.manual_seed(0)
+    model = ms_temba.create_model("ms_temba_tiny", in_dim=dim, num_classes=num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = ms_temba_loss(model(standardised, mask), labels, mask)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():  # proj(x') with x' = (x - mean) / std  ==  proj'(x)
+        weight = model.proj.weight / std
+        model.proj.bias -= (model.proj.weight * (mean / std)).sum(1)
+        model.proj.weight.copy_(weight)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_end_to_end_predict_finds_the_actions_of_an_unseen_video(tmp_path):
+    from extractors.config import ExtractorConfig
+    from extractors.run import ExtractionWorker
+    from extractors.synthetic import make_dataset
+
+    torch.set_num_threads(2)
+    num_classes = 6
+    annotations = make_dataset(tmp_path / "data", num_videos=7, num_classes=num_classes, seed=0, fps=8, size=32,
+                               min_duration=20.0, max_duration=24.0, test_fraction=0.15)
+    videos = {v: tmp_path / "data" / "videos" / f"{v}.mp4" for v in annotations}
+    test_id = next(v for v, a in annotations.items() if a["subset"] == "testing")
+
+    # Features exactly as the extract stage makes them (random I3D, seeded like its workers).
+    cfg = ExtractorConfig(backbone="i3d", fps=None, image_size=32, device="cpu")
+    extractor = ExtractionWorker(cfg).extractor
+    train_features = {v: extractor.extract(p) for v, p in videos.items() if v != test_id}
+    model = train_tiny_model(train_features, {v: annotations[v]["actions"] for v in train_features},
+                             num_classes, steps=120)
+    names = (tmp_path / "data" / "classes.txt").read_text().split()
+    save_bundle(tmp_path / "model.pt", ModelBundle(
+        model_name="ms_temba_tiny", model_config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
+        class_names=names, features={**extractor.metadata(), "package_version": "test"}, dataset="synthetic",
+        train_params={}, selected_epoch=1, val_map=math.nan, train_videos=sorted(train_features), val_videos=[]))
+
+    # The unseen video plus an unreadable one in the same folder.
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / f"{test_id}.mp4").write_bytes(videos[test_id].read_bytes())
+    (folder / "broken.mp4").write_bytes(b"\x00" * 1000)
+    out = tmp_path / "predictions"
+    assert predict_main([str(folder), "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out), "--plot",
+                         "--device", "cpu"]) == 0
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["video_id"] for f in failures] == ["broken"]
+    assert not (out / "broken.segments.json").exists()
+
+    # Segments overlap the true actions of the classes seen often in training.
+    segments = json.loads((out / f"{test_id}.segments.json").read_text())
+    counts = np.bincount([c for v in train_features for c, _, _ in annotations[v]["actions"]], minlength=num_classes)
+    frequent = set(np.argsort(-counts)[:3].tolist())
+    truth = [(c, s, e) for c, s, e in annotations[test_id]["actions"] if c in frequent and e - s >= 2.0]
+    matched = [max([temporal_iou((s, e), (g["start_s"], g["end_s"])) for g in segments if g["class_id"] == c],
+                   default=0.0) >= 0.5 for c, s, e in truth]
+    print(f"{sum(matched)}/{len(truth)} true segments of classes {sorted(frequent)} matched at tIoU >= 0.5")
+    assert len(truth) >= 2 and sum(matched) > len(truth) / 2
+
+    image = __import__("matplotlib.image", fromlist=["imread"]).imread(out / f"{test_id}.timeline.png")
+    assert image.ndim == 3 and min(image.shape[:2]) > 50
+
+    # A checkpoint whose model reads 16-d features but claims this I3D: the rebuilt extractor makes
+    # 1024-d features, a clear error before any video is decoded.
+    make_bundle(tmp_path / "other.pt", features={**extractor.metadata(), "dim": IN_DIM})
+    assert predict_main([str(folder), "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o" / f"{test_id}.segments.json").exists()
