@@ -174,13 +174,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-# A feature's frame span: rows of (first, stop) global frame indices, the frames it covers.
-FeatureBatch = tuple[np.ndarray, np.ndarray]  # (features (k, dim) float32, spans (k, 2) int64)
+# Features as they leave a backbone: (features (k, dim) float32, spans (k, 2) int64), where span row
+# (first, stop) holds the global indices of the frames [first, stop) that feature stands for.
+FeatureBatch = tuple[np.ndarray, np.ndarray]
 
 
 class FeatureExtractor(abc.ABC):
     """A frozen backbone with its sampling rule. Subclasses set `backbone`, `model_name` and `dim`,
-    and implement `iter_features`."""
+    and implement `iter_features`, `num_features` and `hop_frames`."""
 
     backbone: str
     model_name: str
@@ -197,6 +198,10 @@ class FeatureExtractor(abc.ABC):
     @abc.abstractmethod
     def iter_features(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[FeatureBatch]:
         """Consume uint8 (n, H, W, 3) frame chunks lazily; yield features with their frame spans, in order."""
+
+    @abc.abstractmethod
+    def num_features(self, num_frames: int) -> int:
+        """How many features a video of num_frames (sampled) frames gives."""
 
     @abc.abstractmethod
     def hop_frames(self) -> int:

@@ -38,7 +38,9 @@ stride <= snippet_len this is the second term; for 16 / 16 it is ceil(n / 16)).
   * Computed in windows of cfg.chunk_frames new frames (rounded up to a multiple of 8), each forward
     pass also seeing CONTEXT_FRAMES of video on either side and keeping only its own steps. The
     result equals one forward pass over the whole video for every chunk size (the tests check it);
-    the price is 2 * CONTEXT_FRAMES extra frames per window, so larger windows are cheaper.
+    the price is 2 * CONTEXT_FRAMES extra frames per window, so larger windows are cheaper (and
+    need more memory: at 224x224 about 1.6 MB of Conv3d_1a activations per frame in float32).
+    One window per forward pass; cfg.batch_size applies to snippets only.
 """
 from __future__ import annotations
 
@@ -228,6 +230,9 @@ class I3DExtractor(FeatureExtractor):
     dim = FEATURE_DIM
 
     def __init__(self, cfg: ExtractorConfig):
+        if cfg.pretrained_from_hub and cfg.weights is None:
+            raise ValueError("I3D weights are not on the timm hub: set extractor.weights to a pytorch-i3d "
+                             "checkpoint such as rgb_imagenet.pt (pretrained_from_hub is for CLIP)")
         model, checkpoint = load_i3d(cfg.weights)
         if model.in_channels != 3:
             raise ValueError(f"I3D checkpoint {cfg.weights} takes {model.in_channels} input channels "

@@ -79,6 +79,7 @@ def test_in_memory_frames(mode, expected_rows):
     video = extractor.extract_frames(frames, times)
     assert isinstance(video, VideoFeatures)
     assert video.features.dtype == np.float32 and video.features.shape == (expected_rows, 1024)
+    assert extractor.num_features(40) == expected_rows
     assert np.all(np.isfinite(video.features)) and video.features.std() > 0
     hop = 8 if mode == "fully_conv" else 16
     starts = np.arange(expected_rows) * hop
@@ -140,6 +141,11 @@ def test_metadata(tmp_path):
     assert fully_conv["mode"] == "fully_conv" and fully_conv["snippet_len"] is None
     assert fully_conv["pretrained"] is False and fully_conv["checkpoint_sha256"] == "random"
     assert fully_conv["feature_hop_s"] == pytest.approx(8 / 24)
+
+
+def test_i3d_from_the_hub_is_refused():
+    with pytest.raises(ValueError, match="rgb_imagenet.pt"):
+        build(i3d_config(pretrained_from_hub=True))
 
 
 def test_bad_frames_are_clear_errors():
