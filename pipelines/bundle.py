@@ -2,6 +2,7 @@
 
     bundle = load_bundle("models/model.pt")
     model = bundle.build_model()              # the network, weights loaded, in eval mode
+    output = model(bundle.normalize(features))  # features as in training (standardised or not)
 
 It holds the model name and full MSTembaConfig, the class names, the metadata of the feature
 shards it was trained on (extractor, dim, fps...), the training parameters and the selection
@@ -35,6 +36,17 @@ class ModelBundle:
     val_map: float  # percent
     train_videos: list[str]
     val_videos: list[str]
+    # Per-dimension standardisation the model was trained with (train.normalize_features), or None.
+    feature_mean: torch.Tensor | None = None
+    feature_std: torch.Tensor | None = None
+
+    def normalize(self, features):
+        """Features as the model expects them: (x - mean) / std when trained so, else unchanged."""
+        if self.feature_mean is None:
+            return features
+        if isinstance(features, torch.Tensor):
+            return (features - self.feature_mean.to(features)) / self.feature_std.to(features)
+        return ((features - self.feature_mean.numpy()) / self.feature_std.numpy()).astype(features.dtype)
 
     def build_model(self, device: str | torch.device = "cpu"):
         import ms_temba

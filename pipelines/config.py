@@ -126,6 +126,7 @@ class TrainParams:
     beta: float = 0.3
     alpha: float = 100.0
     max_grad_norm: float | None = None
+    normalize_features: bool = False  # standardise each feature dim with training-set mean/std
     num_threads: int = 2
     device: str = "auto"
 

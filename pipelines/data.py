@@ -50,6 +50,16 @@ def load_sequences(rows: list[dict], store, num_classes: int) -> list[Sequence]:
     return sequences
 
 
+def feature_statistics(sequences: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (float32, std floored at 1e-6) over every feature of `sequences`."""
+    features = np.concatenate([s.features for s in sequences]).astype(np.float64)
+    return features.mean(axis=0).astype(np.float32), np.maximum(features.std(axis=0), 1e-6).astype(np.float32)
+
+
+def standardized(sequences: list[Sequence], mean: np.ndarray, std: np.ndarray) -> list[Sequence]:
+    return [Sequence(s.video_id, (s.features - mean) / std, s.labels) for s in sequences]
+
+
 def split_train_val(video_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Hold out round(N * val_fraction) videos (at least 1, at most N - 1) for model selection.
 
@@ -71,8 +81,8 @@ def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
     labels = torch.zeros(len(items), length, num_classes)
     mask = torch.zeros(len(items), length, dtype=torch.bool)
     for i, (f, y) in enumerate(items):
-        features[i, :len(f)] = torch.from_numpy(f)
-        labels[i, :len(y)] = torch.from_numpy(y)
+        features[i, :len(f)] = torch.tensor(f)
+        labels[i, :len(y)] = torch.tensor(y)
         mask[i, :len(f)] = True
     return Batch(features, labels, mask)
 

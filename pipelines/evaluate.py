@@ -97,7 +97,8 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
     num_classes = model.config.num_classes
     store = FeatureStore(shards_dir)
     rows = usable_videos(read_manifest(manifest_path), subset=params.dataset.test_subset)
-    sequences = load_sequences(rows, store, num_classes)
+    sequences = [Sequence(s.video_id, bundle.normalize(s.features), s.labels)
+                 for s in load_sequences(rows, store, num_classes)]
     if not sequences:
         raise ValueError(f"no test videos (subset {params.dataset.test_subset!r}) with features in {shards_dir}")
     log.info("evaluating epoch %d of %s on %d test videos", bundle.selected_epoch, model_path, len(sequences))

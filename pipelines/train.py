@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from pipelines.bundle import ModelBundle, save_bundle
 from pipelines.config import PipelineParams, load_params
-from pipelines.data import Sequence, load_sequences, num_batches, split_train_val, training_batches
+from pipelines.data import (Sequence, feature_statistics, load_sequences, num_batches, split_train_val, standardized,
+                            training_batches)
 from pipelines.io import atomic_path, setup_logging, write_text
 from pipelines.manifest import read_manifest, usable_videos
 
@@ -139,6 +140,10 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     train_ids, val_ids = split_train_val([s.video_id for s in sequences], recipe.val_fraction, recipe.seed)
     train_set = [s for s in sequences if s.video_id in set(train_ids)]
     val_set = [s for s in sequences if s.video_id in set(val_ids)]
+    feature_mean = feature_std = None
+    if recipe.normalize_features:  # statistics of the training part only
+        feature_mean, feature_std = feature_statistics(train_set)
+        train_set, val_set = (standardized(part, feature_mean, feature_std) for part in (train_set, val_set))
     log.info("%d training videos, %d held out for validation, %d-d features, device %s",
              len(train_set), len(val_set), store.dim, device)
 
@@ -209,7 +214,9 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         model_name=params.model.name, model_config=config, state_dict=best["state_dict"],
         class_names=names, features=store.metadata,
         dataset=dataset.name, train_params=dataclasses.asdict(recipe), selected_epoch=best["epoch"],
-        val_map=best["val_map"], train_videos=train_ids, val_videos=val_ids)
+        val_map=best["val_map"], train_videos=train_ids, val_videos=val_ids,
+        feature_mean=None if feature_mean is None else torch.from_numpy(feature_mean),
+        feature_std=None if feature_std is None else torch.from_numpy(feature_std))
     save_bundle(out_path, bundle)
     log.info("selected epoch %d (val mAP %.2f%%) -> %s", best["epoch"], best["val_map"], out_path)
     return bundle

@@ -97,6 +97,7 @@ BAD_VALUES = [
     ("train.warmup_epochs", 50),
     ("train.weight_decay", -0.1),
     ("train.device", "tpu"),
+    ("train.normalize_features", "yes"),
     ("model.name", "ms_temba_huge"),
     ("model.overrides.widths", []),
     ("model.overrides.d_state", 0),

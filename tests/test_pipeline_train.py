@@ -193,6 +193,13 @@ def test_the_bundle_describes_the_run_and_beats_chance(prepared, uninterrupted):
     assert bundle.features["backbone"] == "npy" and bundle.class_names == [f"class_{c}" for c in range(NUM_CLASSES)]
     log = log_without_timing(uninterrupted / "log.csv")
     assert len(log) == 1 + EPOCHS
+    # Features are standardised (train.normalize_features) with the training part's statistics only.
+    train_features = np.concatenate([np.load(prepared / "npy" / f"{v}.npy") for v in bundle.train_videos])
+    np.testing.assert_allclose(bundle.feature_mean.numpy(), train_features.mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bundle.feature_std.numpy(), train_features.std(axis=0), rtol=1e-4, atol=1e-5)
+    x = train_features[:3]
+    np.testing.assert_allclose(bundle.normalize(x), (x - train_features.mean(0)) / train_features.std(0),
+                               rtol=1e-4, atol=1e-4)
     lengths = {v: len(np.load(prepared / "npy" / f"{v}.npy")) for v in bundle.val_videos}
     assert bundle.val_map > chance_map_of(prepared / "annotations.json", bundle.val_videos, lengths)
 
