@@ -303,7 +303,8 @@ def test_fully_conv_chunked_equals_whole_video(chunk_frames, whole_video):
     result = extractor.extract_frames(frames, np.arange(FULLY_CONV_FRAMES) / FPS)
 
     assert result.features.shape == (math.ceil(FULLY_CONV_FRAMES / 8), FEATURE_DIM) == expected.shape
-    np.testing.assert_allclose(result.features, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    # float32 rounding differs by ~1e-6 of the largest feature; a context short by one step errs by ~1e-4.
+    np.testing.assert_allclose(result.features, expected, rtol=1e-5, atol=5e-6 * np.abs(expected).max())
     starts = np.arange(0, FULLY_CONV_FRAMES, 8)
     np.testing.assert_allclose(result.start_s, starts / FPS)
     np.testing.assert_allclose(result.end_s, np.minimum(starts + 8, FULLY_CONV_FRAMES) / FPS)
