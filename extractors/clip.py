@@ -119,32 +119,35 @@ class ClipExtractor(FeatureExtractor):
         """Projected CLIP embeddings (n, dim) of uint8 (n, H, W, 3) frames, in float32."""
         return self.model(self.preprocess(frames)).float()
 
-    def iter_features(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[FeatureBatch]:
-        window, batch_size = self.cfg.clip_window, self.cfg.batch_size
-        pending_frames = FrameBuffer()  # decoded frames not yet through the network
-        embeddings: list[torch.Tensor] = []  # embeddings of the current, unfinished windows
-        first_frame = 0  # first frame of the oldest unfinished window
-
-        def finished_windows(final: bool) -> Iterator[FeatureBatch]:
-            nonlocal embeddings, first_frame
-            stacked = torch.cat(embeddings) if embeddings else torch.empty(0, self.dim)
-            count = len(stacked) // window + (1 if final and len(stacked) % window else 0)
-            if count == 0:
-                return
-            features = [stacked[j * window:(j + 1) * window].double().mean(dim=0) for j in range(count)]
-            starts = first_frame + window * np.arange(count, dtype=np.int64)
-            stops = np.minimum(starts + window, first_frame + len(stacked))
-            embeddings = [stacked[count * window:]]
-            first_frame += count * window
-            yield torch.stack(features).float().cpu().numpy(), np.stack([starts, stops], axis=1)
-
+    def frame_embeddings(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
+        """Embeddings (k, dim) of the stream's frames in order, cfg.batch_size frames per forward pass."""
+        batch_size = self.cfg.batch_size
+        pending = FrameBuffer()  # decoded frames not yet through the network
         for frames in frame_chunks:
-            pending_frames.append(frames)
-            while len(pending_frames) >= batch_size:
-                first = pending_frames.start
-                embeddings.append(self.embed(pending_frames.take(first, first + batch_size)))
-                pending_frames.discard_before(first + batch_size)
-            yield from finished_windows(final=False)
-        if len(pending_frames):  # the stream has ended: the last, partial batch
-            embeddings.append(self.embed(pending_frames.take(pending_frames.start, pending_frames.end)))
-        yield from finished_windows(final=True)
+            pending.append(frames)
+            while len(pending) >= batch_size:
+                yield self.embed(pending.take(pending.start, pending.start + batch_size))
+                pending.discard_before(pending.start + batch_size)
+        if len(pending):  # the stream has ended: the last, smaller batch
+            yield self.embed(pending.take(pending.start, pending.end))
+
+    def iter_features(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[FeatureBatch]:
+        window = self.cfg.clip_window
+        held = torch.empty(0, self.dim, dtype=torch.float64)  # embeddings of frames [first, first + len(held))
+        first = 0
+        for embeddings in self.frame_embeddings(frame_chunks):
+            held = torch.cat([held, embeddings.cpu().double()])  # averaged in float64: windows can be long
+            complete = len(held) // window * window
+            if complete:
+                yield self._window_means(held[:complete], first)
+                held, first = held[complete:], first + complete
+        if len(held):  # the last, shorter window
+            yield self._window_means(held, first)
+
+    def _window_means(self, embeddings: torch.Tensor, first: int) -> FeatureBatch:
+        """Means of consecutive windows of the embeddings of frames first, first + 1, ...; the last may be short."""
+        windows = torch.split(embeddings, self.cfg.clip_window)
+        features = torch.stack([frames.mean(dim=0) for frames in windows]).float().numpy()
+        starts = first + self.cfg.clip_window * np.arange(len(windows), dtype=np.int64)
+        stops = np.minimum(starts + self.cfg.clip_window, first + len(embeddings))
+        return features, np.stack([starts, stops], axis=1)
