@@ -318,16 +318,6 @@ def test_end_to_end_predict_finds_the_actions_of_an_unseen_video(tmp_path):
     assert [f["video_id"] for f in failures] == ["broken"]
     assert not (out / "broken.segments.json").exists()
 
-    # Segments overlap the true actions of the classes seen often in training.
-    segments = json.loads((out / f"{test_id}.segments.json").read_text())
-    counts = np.bincount([c for v in train_features for c, _, _ in annotations[v]["actions"]], minlength=num_classes)
-    frequent = set(np.argsort(-counts)[:3].tolist())
-    truth = [(c, s, e) for c, s, e in annotations[test_id]["actions"] if c in frequent and e - s >= 2.0]
-    matched = [max([temporal_iou((s, e), (g["start_s"], g["end_s"])) for g in segments if g["class_id"] == c],
-                   default=0.0) >= 0.5 for c, s, e in truth]
-    print(f"{sum(matched)}/{len(truth)} true segments of classes {sorted(frequent)} matched at tIoU >= 0.5")
-    assert len(truth) >= 2 and sum(matched) > len(truth) / 2
-
     image = __import__("matplotlib.image", fromlist=["imread"]).imread(out / f"{test_id}.timeline.png")
     assert image.ndim == 3 and min(image.shape[:2]) > 50
 
@@ -336,3 +326,13 @@ def test_end_to_end_predict_finds_the_actions_of_an_unseen_video(tmp_path):
     make_bundle(tmp_path / "other.pt", features={**extractor.metadata(), "dim": IN_DIM})
     assert predict_main([str(folder), "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o" / f"{test_id}.segments.json").exists()
+
+    # Last, the quality bar: segments overlap the true actions of the classes seen often in training.
+    segments = json.loads((out / f"{test_id}.segments.json").read_text())
+    counts = np.bincount([c for v in train_features for c, _, _ in annotations[v]["actions"]], minlength=num_classes)
+    frequent = set(np.argsort(-counts)[:3].tolist())
+    truth = [(c, s, e) for c, s, e in annotations[test_id]["actions"] if c in frequent and e - s >= 2.0]
+    matched = [max([temporal_iou((s, e), (g["start_s"], g["end_s"])) for g in segments if g["class_id"] == c],
+                   default=0.0) >= 0.5 for c, s, e in truth]
+    print(f"{sum(matched)}/{len(truth)} true segments of classes {sorted(frequent)} matched at tIoU >= 0.5")
+    assert len(truth) >= 2 and sum(matched) > len(truth) / 2
