@@ -23,6 +23,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import torch
 
 __all__ = [
     "average_precision",
@@ -33,9 +34,6 @@ __all__ = [
     "ActionConditionalMetrics",
 ]
 
-# Columns per chunk in `_average_precision_columns` are chosen so that one chunk's sort index
-# (int64, rows x columns) stays around this many elements (~64 MB).
-_AP_CHUNK_ELEMENTS = 1 << 23
 # Rows per chunk when counting co-occurrences with float32 matrix products: every partial count
 # is then an integer below 2**24, which float32 represents exactly.
 _COUNT_CHUNK_ROWS = 1 << 16
@@ -69,41 +67,30 @@ def average_precision(scores, labels) -> float:
         )
     _check_finite(scores, "scores")
     labels = _check_binary(labels, "labels")
-    return float(_average_precision_columns(scores[:, None], labels[:, None])[0])
+    return _binary_average_precision(scores.astype(np.float64), labels)
 
 
 def _average_precision_columns(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """AP of every column: scores (n, C) real, labels (n, C) bool -> (C,) float64, NaN where a
-    column has no positive. Vectorised over columns; see `average_precision` for the definition.
-    """
-    num_rows, num_columns = scores.shape
-    ap = np.full(num_columns, np.nan)
-    if num_rows == 0:
-        return ap
-    chunk = max(1, _AP_CHUNK_ELEMENTS // num_rows)
-    row_index = np.arange(num_rows)[:, None]
-    for start in range(0, num_columns, chunk):
-        stop = min(start + chunk, num_columns)
-        order = np.argsort(-scores[:, start:stop], axis=0, kind="stable")  # high to low
-        sorted_scores = np.take_along_axis(scores[:, start:stop], order, axis=0)
-        sorted_labels = np.take_along_axis(labels[:, start:stop], order, axis=0)
-        true_positives = np.cumsum(sorted_labels, axis=0)
+    column has no positive."""
+    return np.array([_binary_average_precision(np.ascontiguousarray(scores[:, c]),
+                                               np.ascontiguousarray(labels[:, c]))
+                     for c in range(scores.shape[1])], dtype=np.float64)
 
-        # A threshold sits at the last row of every run of equal scores. Each row is evaluated
-        # at the threshold that closes its run: `group_end` is that row's index.
-        is_threshold = np.ones(sorted_scores.shape, dtype=bool)
-        is_threshold[:-1] = sorted_scores[:-1] != sorted_scores[1:]
-        group_end = np.where(is_threshold, row_index, num_rows)
-        group_end = np.minimum.accumulate(group_end[::-1], axis=0)[::-1]
-        precision = np.take_along_axis(true_positives, group_end, axis=0) / (group_end + 1)
 
-        # Recall grows by 1/P at every positive row, so sum_n (R_n - R_{n-1}) P_n is the mean
-        # over the positive rows of the precision at their threshold.
-        positives = true_positives[-1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            column_ap = np.where(sorted_labels, precision, 0.0).sum(axis=0) / positives
-        ap[start:stop] = np.where(positives > 0, column_ap, np.nan)
-    return ap
+def _binary_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP of one class (see `average_precision`): scores (n,) real, labels (n,) bool."""
+    positives = np.count_nonzero(labels)
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")  # high to low
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    # One threshold per distinct score, at the last frame of its run of equal scores.
+    run_ends = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+    true_positives = np.cumsum(sorted_labels)[run_ends]
+    precision = true_positives / (run_ends + 1)
+    recall_gain = np.diff(true_positives, prepend=0) / positives  # R_n - R_{n-1}
+    return float(np.sum(recall_gain * precision))
 
 
 def chance_map(labels, mask=None) -> float:
@@ -339,8 +326,9 @@ class ActionConditionalMetrics:
                 recall = true_positives / positives
             ap = np.full((self.num_classes, self.num_classes), np.nan)
             for j in np.flatnonzero(pairs.any(axis=0)):
-                rows = condition[:, j]
-                ap[:, j] = _average_precision_columns(scores[rows], labels[rows])
+                # AP of the classes paired with c_j, over c_j's condition frames.
+                subset = np.ix_(condition[:, j], pairs[:, j])
+                ap[pairs[:, j], j] = _average_precision_columns(scores[subset], labels[subset])
             results[f"t{t}"] = _summarise_pairs(precision, recall, ap, pairs)
         return results
 
@@ -391,8 +379,10 @@ def _summarise_pairs(precision, recall, ap, pairs) -> dict:
 
 def _to_numpy(x, name: str) -> np.ndarray:
     """numpy view of an array-like or a torch tensor (detached, on the CPU)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor; torch itself is not needed
-        x = x.detach().cpu().numpy()
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        # numpy has no bfloat16 (autocast outputs); float32 holds every bfloat16 value exactly.
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as error:

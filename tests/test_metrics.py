@@ -111,6 +111,15 @@ def test_frame_map_matches_sklearn_over_real_frames(tied_scores):
     assert result["num_videos"] == len(videos)
 
 
+def test_frame_map_accepts_low_precision_tensors_from_autocast():
+    scores, labels, mask = random_videos(num_videos=1, seed=4)[0]
+    low = torch.from_numpy(scores).to(torch.bfloat16)
+    metric = FrameMAP(num_classes=5)
+    metric.update(low, torch.from_numpy(labels), torch.from_numpy(mask))
+    expected, _ = sklearn_map(low.float().numpy()[mask], labels[mask])
+    np.testing.assert_allclose(metric.compute()["ap"], expected, atol=1e-12)
+
+
 def test_frame_map_hand_computed():
     # Video 1 (3 frames) and video 2 (2 real frames + 1 padded frame that must be ignored).
     # Class 0 over the 5 real frames: scores .9 .2 .6 | .8 .1, labels 1 0 0 | 1 0.
