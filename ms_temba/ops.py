@@ -47,7 +47,7 @@ HAS_CUDA_KERNELS: bool = _cuda_selective_scan is not None and _cuda_causal_conv1
 # Time steps per chunk of the CPU scan. A chunk's working set (a few tensors of
 # chunk x batch x dim x state floats) should stay in the CPU caches; the benchmark
 # (benchmarks/bench_scan.py) measured this value as the fastest for the MS-Temba shapes.
-SCAN_CHUNK_LENGTH = 64
+SCAN_CHUNK_LENGTH = 32
 
 
 # ---------------------------------------------------------------------------------------------
