@@ -29,6 +29,7 @@ __all__ = [
     "average_precision",
     "chance_map",
     "charades_sample_indices",
+    "condition_frames",
     "FrameMAP",
     "SampledFrameMAP",
     "ActionConditionalMetrics",
