@@ -223,3 +223,23 @@ def test_real_model_output_gives_finite_loss_and_gradients_for_every_parameter()
     without_grad = [name for name, p in model.named_parameters()
                     if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not without_grad, without_grad
+
+
+def test_real_model_loss_of_a_padded_video_equals_the_unpadded_video():
+    # The model is exact about padding (zero C at padded positions, real frames independent of
+    # the padding), so the whole loss must not see the padding either.
+    import ms_temba
+
+    torch.manual_seed(1)
+    model = ms_temba.create_model("ms_temba_tiny", in_dim=16, num_classes=4, widths=(8, 8, 8),
+                                  d_state=4).double()
+    features = torch.randn(1, 11, 16, dtype=torch.float64)
+    targets = (torch.rand(1, 11, 4) < 0.3).double()
+    alone = ms_temba_loss(model(features), targets)
+
+    padded_features = torch.cat([features, torch.randn(1, 6, 16, dtype=torch.float64)], dim=1)
+    padded_targets = torch.cat([targets, torch.ones(1, 6, 4, dtype=torch.float64)], dim=1)
+    mask = torch.arange(17)[None] < 11
+    padded = ms_temba_loss(model(padded_features, mask), padded_targets)
+    for key in ("loss", "bce", "block_bce", "consistency"):
+        torch.testing.assert_close(padded[key], alone[key], rtol=1e-9, atol=1e-12)
