@@ -111,10 +111,12 @@ def _check_mask(mask, logits: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=logits.device)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        got = getattr(mask, "dtype", type(mask).__name__)
+        raise ValueError(f"mask must be a bool tensor, got {got}")
     if mask.shape != (batch, length):
         raise ValueError(
-            f"mask has shape {tuple(mask.shape)} but the logits need (batch, time) = {(batch, length)}"
+            f"mask has shape {tuple(mask.shape)} but the logits need (batch, time) = "
+            f"{(batch, length)}"
         )
     if not mask.any():
         raise ValueError("mask has no real frame: the loss is undefined on an all-padding batch")

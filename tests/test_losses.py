@@ -30,7 +30,8 @@ def make_batch(lengths=(11, 7, 4), classes=5, d_c=6, blocks=3, seed=0, dtype=tor
     mask = torch.arange(time)[None, :] < torch.tensor(lengths)[:, None]
     logits = torch.randn(batch, time, classes, generator=gen, dtype=dtype) * 2
     targets = (torch.rand(batch, time, classes, generator=gen) < 0.3).to(dtype)
-    block_logits = [torch.randn(batch, time, classes, generator=gen, dtype=dtype) for _ in range(blocks)]
+    block_logits = [torch.randn(batch, time, classes, generator=gen, dtype=dtype)
+                    for _ in range(blocks)]
     branch_c = []
     for k in range(1, blocks + 1):
         sub_length = math.ceil(time / k)
@@ -193,7 +194,8 @@ def test_gradient_of_bce_matches_the_closed_form():
         (lambda o, t, m: (o, t, m[:, :-1]), "mask has shape"),
         (lambda o, t, m: (o, t, m.float()), "mask must be a bool"),
         (lambda o, t, m: (o, t, torch.zeros_like(m)), "no real frame"),
-        (lambda o, t, m: (dataclasses.replace(o, block_logits=[bl[:, :-1] for bl in o.block_logits]), t, m),
+        (lambda o, t, m: (dataclasses.replace(o, block_logits=[b[:, :-1] for b in o.block_logits]),
+                          t, m),
          r"block_logits\[0\]"),
         (lambda o, t, m: (dataclasses.replace(o, branch_c=[c[0] for c in o.branch_c]), t, m),
          r"branch_c\[0\]"),

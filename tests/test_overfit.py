@@ -73,8 +73,9 @@ def test_tiny_model_overfits_a_small_dataset(one_thread):
     chance = chance_map(targets[mask])
 
     first, last = history[0], history[-1]
-    print(f"loss {first['loss']:.3f} -> {last['loss']:.4f}, bce {first['bce']:.3f} -> "
-          f"{last['bce']:.4f}, block_bce {first['block_bce']:.3f} -> {last['block_bce']:.4f}, train mAP {map_before:.3f} -> {map_after:.3f} (chance {chance:.3f})")
+    for key in ("loss", "bce", "block_bce", "consistency"):
+        print(f"{key}: {first[key]:.4f} -> {last[key]:.4f}")
+    print(f"train mAP: {map_before:.3f} -> {map_after:.3f} (chance {chance:.3f})")
     assert last["loss"] < first["loss"] / 10
     # The predictions themselves are learnt, not only the (initially dominant) consistency term.
     assert last["bce"] < first["bce"] / 10
