@@ -182,13 +182,15 @@ def _draw_orange_disk_pulsing(image, grid, t, duration, p):
 
 def _blinking_border(colour: str) -> DrawFn:
     def draw(image, grid, t, duration, p):
-        if int(t * 4) % 2 == 0:  # on for 0.25 s, off for 0.25 s
-            _paint(image, _border(grid, 0.13), colour)
+        # A wide frame (64% of the picture) so that a 1-2 s event still moves a feature averaged
+        # over space and over 8-16 frames; on for 0.25 s, off for 0.25 s.
+        if int(t * 4) % 2 == 0:
+            _paint(image, _border(grid, 0.2), colour)
     return draw
 
 
 def _draw_pink_disk_growing(image, grid, t, duration, p):
-    _paint(image, _disk(grid, p.cx, p.cy, 0.1 + 0.3 * t / duration), "pink")
+    _paint(image, _disk(grid, p.cx, p.cy, 0.2 + 0.3 * t / duration), "pink")
 
 
 def _draw_purple_disk_rising(image, grid, t, duration, p):
