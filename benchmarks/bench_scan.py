@@ -36,10 +36,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# Idle OpenMP workers sleep instead of spinning. On a shared, oversubscribed machine (the
+# development box: 2 cores, load average ~12) libgomp's default spin-waiting lets the idle worker
+# of each parallel region steal the core from the thread doing the work, which slowed runs with
+# many short parallel regions by 3-30x, unevenly between methods. Must be set before torch loads
+# OpenMP; export OMP_WAIT_POLICY=active to measure the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-from ms_temba.ops import selective_scan
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ms_temba.ops import selective_scan  # noqa: E402
 
 BATCH, DIM, STATE = 1, 1152, 16
 TARGET_VS_LOOP, TARGET_VS_PARALLEL, TARGET_MEMORY_RATIO = 500.0, 8.0, 0.5
@@ -295,7 +302,8 @@ def main():
     print()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
           f"dim {DIM}, state {STATE}, float32, forward + backward; load average at start "
-          f"{load:.1f} on {os.cpu_count()} CPUs; loop measured at {loop_lengths}")
+          f"{load:.1f} on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"loop measured at {loop_lengths}")
     header = ("| length | ours (s) | parallel (s) | loop_unbind (s) | loop (s) "
               "| vs loop | vs loop_unbind | vs parallel |")
     rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -164,6 +164,19 @@ def test_float64_inputs_are_computed_in_float64():
     assert relative_error(out, ref_out) <= 1e-12
 
 
+def test_bfloat16_inputs_compute_in_float32():
+    # As in mamba_ssm: half-precision activations, float32 A and D; the scan runs in float32 and
+    # returns the activations' dtype, so only the input rounding to bfloat16 separates the result
+    # from the float64 reference of the same (rounded) inputs.
+    inputs = make_scan_inputs(batch=1, dim=4, state=3, length=60, seed=9)
+    for name in ("u", "delta", "B", "C", "z"):
+        inputs[name] = inputs[name].to(torch.bfloat16)
+    out = ops.selective_scan(**inputs, delta_softplus=True)
+    ref_out, _ = reference_selective_scan(**inputs, delta_softplus=True)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref_out) <= 1e-2  # bfloat16 output rounding: 2^-8
+
+
 def test_non_contiguous_inputs():
     inputs = make_scan_inputs(batch=2, dim=4, state=3, length=20, seed=2)
     # (batch, length, dim) storage viewed as (batch, dim, length), as a Mamba block produces.
