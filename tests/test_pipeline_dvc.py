@@ -22,8 +22,10 @@ OUTPUTS = ["metrics.json", "models/model.pt", "reports/predictions.parquet", "re
 
 
 def run(command, cwd, timeout=900):
+    # The stages' `python` must be this interpreter (the project's environment), and import the copy.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd)})
+                            env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd)})
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
