@@ -18,7 +18,8 @@ entry is repaired or left out:
     end_after_duration   action  end > the annotated duration: clipped to the duration
 
 The manifest stage adds the reasons that need the videos: missing_video, corrupt_video,
-unannotated_video, duration_mismatch.
+unannotated_video (left out), unknown_frame_rate (frames but no rate known: left out) and
+duration_mismatch (probed and annotated durations differ by more than max(1 s, 5 %): kept).
 """
 from __future__ import annotations
 
