@@ -28,6 +28,10 @@ Every video is drawn from its own random stream (seed, video index), so video i 
 how many videos are made; the train/test split does. Same arguments -> identical annotations and
 byte-identical mp4 files (see `write_mp4` for the x264 settings this takes).
 
+Extracting features: use the videos' own frame rate (fps 8: one I3D fully_conv feature per second)
+and a `chunk_frames` longer than the longest video (e.g. 640), so that each video is one forward
+pass; with the default 128 the overlapping context frames make I3D about 2.4x slower.
+
 CLI: `python -m extractors.synthetic --out DIR [--num-videos N --num-classes C --seed S ...]`.
 """
 from __future__ import annotations
