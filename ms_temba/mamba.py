@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ms_temba import ops
 
-__all__ = ["RMSNorm", "BiMamba"]
+__all__ = ["RMSNorm", "BiMamba", "bimamba_branches", "per_branch_linear",
+           "rms_norm_branches"]
 
 
 class RMSNorm(nn.RMSNorm):
@@ -39,6 +40,14 @@ class RMSNorm(nn.RMSNorm):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__(dim, eps=eps)
+
+
+def rms_norm_branches(norms, x: torch.Tensor) -> torch.Tensor:
+    """k RMSNorms applied branch-wise: x (..., k, dim), branch i normalised by norms[i]."""
+    if len(norms) == 1:
+        return norms[0](x)
+    weight = torch.stack([norm.weight for norm in norms])  # (k, dim)
+    return F.rms_norm(x, weight.shape[-1:], eps=norms[0].eps) * weight
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -101,17 +110,20 @@ class BiMamba(nn.Module):
         D._no_weight_decay = True
         return conv1d, x_proj, dt_proj, A_log, D
 
+    def directions(self):
+        """(conv1d, x_proj, dt_proj, A_log, D) of the forward, then the backward direction."""
+        return [
+            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+        ]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """mamba_simple's initialisation, for both directions. in_proj, out_proj, x_proj and the
         convs keep PyTorch's default initialisation, as in mamba_simple."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
-        directions = [
-            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
-            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
-        ]
-        for conv1d, x_proj, dt_proj, A_log, D in directions:
+        for conv1d, x_proj, dt_proj, A_log, D in self.directions():
             conv1d.reset_parameters()
             x_proj.reset_parameters()
             # dt_proj maps a rank-dt_rank code to d_inner step sizes; this scale preserves the
@@ -143,55 +155,91 @@ class BiMamba(nn.Module):
             C (batch, length, 2 * d_state): [C_forward, C_backward] per frame, both in time order,
             zero at padded frames.
         """
-        xz = self.in_proj(hidden_states)  # (batch, length, 2 * d_inner)
-        if mask is not None:
-            # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
-            xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
-        # (batch, 2 * d_inner, length), contiguous: the layout of mamba_simple, which the CUDA conv
-        # and scan kernels expect.
-        xz = xz.transpose(1, 2).contiguous()
+        out, c = bimamba_branches(
+            [self], hidden_states.unsqueeze(2), None if mask is None else mask.unsqueeze(2)
+        )
+        return (out.squeeze(2), c.squeeze(2)) if return_c else out.squeeze(2)
 
-        y_f, c_f = self._scan(
-            xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
-        )
-        xz_b = xz.flip(-1)
-        mask_b = None if mask is None else mask.flip(-1)
-        y_b, c_b = self._scan(
-            xz_b, mask_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
-        )
-        # Flip the backward direction back into time order and average the two directions.
-        y = (y_f + y_b.flip(-1)) / 2
-        out = self.out_proj(y.transpose(1, 2))
-        if not return_c:
-            return out
-        return out, torch.cat([c_f, c_b.flip(1)], dim=-1)
 
-    def _scan(self, xz, mask, conv1d, x_proj, dt_proj, A_log, D):
-        """One direction: causal conv + selective scan over the sequence in `xz`'s order.
+def bimamba_branches(mixers, hidden_states: torch.Tensor, mask: torch.Tensor | None = None):
+    """Run k BiMamba mixers of the same shape, mixer i on its own sequence, with ONE scan call.
 
-        Returns y (batch, d_inner, length) gated by silu(z), and C (batch, length, d_state).
-        """
-        x, z = xz.chunk(2, dim=1)
-        u = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
-        if mask is not None:
-            # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
-            # exactly zero through the (leading, for the backward scan) padding.
-            u = u.masked_fill(~mask.unsqueeze(1), 0.0)
-        # Input-dependent step size (low rank), B and C: the "selective" part of Mamba.
-        dt_low_rank, B, C = x_proj(u.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        delta = F.linear(dt_low_rank, dt_proj.weight).transpose(1, 2)  # bias added in the scan
-        A = -torch.exp(_at_least_fp32(A_log))
-        y = ops.selective_scan(
-            u,
-            delta,
-            A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
-            _at_least_fp32(D),
-            z=z,
-            delta_bias=_at_least_fp32(dt_proj.bias),
-            delta_softplus=True,
-        )
-        return y, C
+    The CPU scan is a loop over time whose cost is dominated by per-step overhead, so scanning the
+    2k (mixer, direction) pairs one after the other costs about 2k times what one scan over all of
+    their channels side by side costs. The channels of every pair are therefore stacked along the
+    channel axis: pair g = 2 * i + s (mixer i, s = 0 forward, 1 backward) owns channels
+    g * d_inner .. (g + 1) * d_inner - 1 and its own B and C (the scan's `groups`). The backward
+    pairs' inputs are time-flipped, so scan step t is frame t for a forward pair and frame
+    length - 1 - t for a backward pair.
+
+    Args:
+        mixers: k BiMamba modules with equal d_model, d_state, d_conv and expand.
+        hidden_states: (batch, length, k, d_model); mixer i reads hidden_states[:, :, i].
+        mask: optional (batch, length, k) bool, True = real frame, padding only at the end.
+
+    Returns:
+        out (batch, length, k, d_model), zero at padded frames, and
+        C (batch, length, k, 2 * d_state): [C_forward, C_backward] in time order, zero at padding.
+    """
+    first = mixers[0]
+    batch, length, k, _ = hidden_states.shape
+    d_inner, d_state, dt_rank = first.d_inner, first.d_state, first.dt_rank
+    groups = 2 * k
+    channels = groups * d_inner
+    # Per-pair parameters in pair order [mixer 0 forward, mixer 0 backward, mixer 1 forward, ...].
+    conv1ds, x_projs, dt_projs, A_logs, Ds = zip(*(pair for m in mixers for pair in m.directions()))
+
+    xz = per_branch_linear(hidden_states, [m.in_proj.weight for m in mixers])
+    if mask is not None:
+        # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
+        xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
+        # The backward pair's mask, in its (flipped) scan order.
+        mask = torch.stack([mask, mask.flip(1)], dim=-1).view(batch, length, groups)
+    # (batch, length, k, 2 directions, 2 * d_inner): both directions in their own scan order.
+    xz = torch.stack([xz, xz.flip(1)], dim=3)
+    x = xz[..., :d_inner].reshape(batch, length, channels)
+    z = xz[..., d_inner:].reshape(batch, length, channels)
+
+    # Causal depthwise conv of every pair at once: it is per channel. The conv kernels want the
+    # channels-first layout of mamba_simple.
+    u = ops.causal_conv1d(
+        x.transpose(1, 2).contiguous(),
+        torch.cat([conv.weight.squeeze(1) for conv in conv1ds]),
+        torch.cat([conv.bias for conv in conv1ds]),
+        activation="silu",
+    )  # (batch, channels, length)
+    u = u.transpose(1, 2).view(batch, length, groups, d_inner)
+    if mask is not None:
+        # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
+        # exactly zero through the (leading, for the backward pairs) padding.
+        u = u.masked_fill(~mask.unsqueeze(-1), 0.0)
+    # Input-dependent step size (low rank), B and C: the "selective" part of Mamba.
+    dt_low_rank, B, C = per_branch_linear(u, [p.weight for p in x_projs]).split(
+        [dt_rank, d_state, d_state], dim=-1
+    )  # (batch, length, groups, .)
+    delta = per_branch_linear(dt_low_rank, [p.weight for p in dt_projs])  # bias added in the scan
+    y = ops.selective_scan(
+        u.reshape(batch, length, channels).transpose(1, 2),
+        delta.reshape(batch, length, channels).transpose(1, 2),
+        -torch.exp(_at_least_fp32(torch.cat(A_logs))),
+        B.permute(0, 2, 3, 1),  # (batch, groups, d_state, length)
+        C.permute(0, 2, 3, 1),
+        _at_least_fp32(torch.cat(Ds)),
+        z=z.transpose(1, 2),
+        delta_bias=_at_least_fp32(torch.cat([p.bias for p in dt_projs])),
+        delta_softplus=True,
+    )  # (batch, channels, length)
+    # Flip the backward pairs back into time order and average the two directions.
+    y = y.transpose(1, 2).reshape(batch, length, k, 2, d_inner)
+    y = (y[:, :, :, 0] + y[:, :, :, 1].flip(1)) / 2
+    out = per_branch_linear(y, [m.out_proj.weight for m in mixers])
+    C = C.view(batch, length, k, 2, d_state)
+    return out, torch.cat([C[:, :, :, 0], C[:, :, :, 1].flip(1)], dim=-1)
+
+
+def per_branch_linear(x: torch.Tensor, weights) -> torch.Tensor:
+    """Bias-free linear maps applied branch-wise: (..., k, in) -> (..., k, out), where branch i
+    uses weights[i] (out, in)."""
+    if len(weights) == 1:
+        return F.linear(x, weights[0])
+    return torch.einsum("...ki,koi->...ko", x, torch.stack(weights))
