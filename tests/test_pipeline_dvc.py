@@ -79,8 +79,9 @@ def test_repro_exp_run_metrics_diff_and_noop(repo):
     assert changed["map"]["new"] != changed["map"]["old"]
     assert (repo / "reports" / "train_log.csv").read_text().count("\n") == 1 + 3  # header + 3 epochs
 
-    plots = json.loads(run(DVC + ["plots", "show", "--json"], repo))
-    assert any("train_log.csv" in key or "Training loss" in key for key in plots)
+    plots = json.loads(run(DVC + ["plots", "show", "--json"], repo))["data"]
+    assert {"Training loss", "Validation mAP (%)", "Test AP per class (%)"} <= set(plots)
+    assert any(key.startswith("reports/timelines/") and key.endswith(".png") for key in plots)
 
     # Nothing changed since: a second repro skips every stage and leaves the outputs alone.
     before = {name: sha256(repo / name) for name in OUTPUTS}
