@@ -4,11 +4,9 @@ The references are written here from the recurrence's definition, step by step i
 differentiated by autograd; the implementation under test runs in float32 with its own backward.
 """
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ms_temba import ops
 
