@@ -4,7 +4,6 @@ The references are written here from the recurrence's definition, step by step i
 differentiated by autograd; the implementation under test runs in float32 with its own backward.
 """
 
-
 import pytest
 import torch
 
