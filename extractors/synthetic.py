@@ -283,7 +283,8 @@ class _Track:
 
 def _fill(track: _Track, choices: list[int], seconds: tuple[float, float], gap_s: tuple[float, float],
           avoid: list[Action] = ()) -> None:
-    """Alternate gaps and actions of random `choices` until the video ends (the last one is cut).
+    """Alternate gaps and actions of random `choices` until the video ends. The last action is cut
+    at the end, but never below the shortest length of `seconds`.
 
     `choices` may repeat a label: it is then drawn proportionally more often.
 
@@ -291,7 +292,7 @@ def _fill(track: _Track, choices: list[int], seconds: tuple[float, float], gap_s
     same class at the same time (one annotation per class and moment, as in Charades/TSU).
     """
     track.wait((0.0, gap_s[1]))
-    while track.cursor < track.num_frames:
+    while track.num_frames - track.cursor >= round(seconds[0] * track.fps):
         length = min(track.frames(seconds), track.num_frames - track.cursor)
         busy = {a.label for a in avoid if a.start < track.cursor + length and track.cursor < a.end}
         free = [c for c in choices if c not in busy]
