@@ -4,10 +4,15 @@
     ms-temba check [--params params.yaml]    validate a params file
     ms-temba import-npy --src DIR --out SHARDS --hop-s S [--fps F]
                                              per-video .npy features -> feature shards
+    ms-temba predict VIDEO_OR_DIR... --checkpoint models/model.pt --out DIR [--plot]
+                                             per-frame probabilities and action segments (docs/predict.md)
+    ms-temba convert-release SRC DST         official MS-Temba release checkpoint -> a model file
+    ms-temba export-mstct SOURCE --out DIR   predictions in MS-TCT's {video: (classes, T)} layout
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pipelines.config import ConfigError, compose_params_yaml, load_params, parse_params
@@ -36,6 +41,15 @@ def _import_npy(args) -> int:
     return 1 if failures and not imported else 0
 
 
+# Commands with their own argument parsers: `ms-temba NAME ...` hands the rest of the line to them.
+DELEGATED = {
+    "predict": ("pipelines.predict", "main", "predict actions in new videos with a trained model"),
+    "convert-release": ("pipelines.export", "convert_release_main",
+                        "convert an official MS-Temba release checkpoint"),
+    "export-mstct": ("pipelines.export", "export_main", "export predictions in MS-TCT's layout"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms-temba", description="MS-Temba pipeline tools (see docs/pipeline.md)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,10 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     npy.add_argument("--fps", type=float, default=None, help="frame rate the features were extracted at (recorded)")
     npy.add_argument("--videos-per-shard", type=int, default=16)
     npy.set_defaults(run=_import_npy)
+
+    for name, (_, _, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)  # listed here, parsed by its module
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        module, function, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
