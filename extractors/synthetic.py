@@ -407,9 +407,9 @@ def write_mp4(path: Path, frames, fps: int, size: int) -> None:
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         # crf 18: visually lossless, the colours the classes are made of survive compression.
-        # mbtree=0: with x264's macroblock-tree rate control the bitstream of these small frames
-        # changed between identical runs in one process (it reads memory it did not write);
-        # without it, and on one thread, the same frames give byte-identical files.
+        # mbtree=0: with x264's macroblock-tree rate control, encoding the same frames again in
+        # one process gave a different file in about half of the runs (even single-threaded, so
+        # it presumably reads uninitialised memory); without it the files are byte-identical.
         stream.codec_context.thread_count = 1
         stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "mbtree=0"}
         for image in frames:
