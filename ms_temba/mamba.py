@@ -189,16 +189,22 @@ def bimamba_branches(mixers, hidden_states: torch.Tensor, mask: torch.Tensor | N
     # Per-pair parameters in pair order [mixer 0 forward, mixer 0 backward, mixer 1 forward, ...].
     conv1ds, x_projs, dt_projs, A_logs, Ds = zip(*(pair for m in mixers for pair in m.directions()))
 
-    xz = per_branch_linear(hidden_states, [m.in_proj.weight for m in mixers])
     if mask is not None:
+        # Zeroing the padded frames of the input zeroes x and z there (in_proj has no bias);
         # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
-        xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
-        # The backward pair's mask, in its (flipped) scan order.
+        hidden_states = hidden_states.masked_fill(~mask.unsqueeze(-1), 0.0)
+        # Each pair's mask in its own scan order (flipped for the backward pairs).
         mask = torch.stack([mask, mask.flip(1)], dim=-1).view(batch, length, groups)
-    # (batch, length, k, 2 directions, 2 * d_inner): both directions in their own scan order.
-    xz = torch.stack([xz, xz.flip(1)], dim=3)
-    x = xz[..., :d_inner].reshape(batch, length, channels)
-    z = xz[..., d_inner:].reshape(batch, length, channels)
+
+    def both_directions(weights):
+        """in_proj rows `weights` of every mixer -> (batch, length, channels) in pair order, the
+        backward pairs' copy flipped in time."""
+        half = per_branch_linear(hidden_states, weights)  # (batch, length, k, d_inner)
+        return torch.stack([half, half.flip(1)], dim=3).view(batch, length, channels)
+
+    # in_proj's first d_inner rows make x (the SSM input), the other d_inner z (the gate).
+    x = both_directions([m.in_proj.weight[:d_inner] for m in mixers])
+    z = both_directions([m.in_proj.weight[d_inner:] for m in mixers])
 
     # Causal depthwise conv of every pair at once: it is per channel. The conv kernels want the
     # channels-first layout of mamba_simple.
