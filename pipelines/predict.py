@@ -81,6 +81,10 @@ class Predictor:
     class_names: list[str]
     feature_metadata: dict[str, Any]  # the training shards' extractor metadata (at least "dim")
     device: torch.device
+    # The per-dimension standardisation the model was trained with (ModelBundle.feature_mean/std,
+    # train.normalize_features), applied to the raw extractor features before the model; None = none.
+    feature_mean: torch.Tensor | None = None
+    feature_std: torch.Tensor | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> "Predictor":
@@ -94,8 +98,13 @@ class Predictor:
         if len(bundle.class_names) != model.config.num_classes:
             raise PredictError(f"{path} is inconsistent: {len(bundle.class_names)} class names for a model with "
                                f"{model.config.num_classes} classes")
+        standardisation = (bundle.feature_mean, bundle.feature_std)
+        if bundle.feature_mean is not None and any(s is None or tuple(s.shape) != (in_dim,) for s in standardisation):
+            raise PredictError(f"{path} is inconsistent: its feature standardisation does not have {in_dim} "
+                               f"dimensions like the model's input")
         return cls(model=model, class_names=list(bundle.class_names),
-                   feature_metadata={"dim": in_dim, **bundle.features}, device=torch.device(device))
+                   feature_metadata={"dim": in_dim, **bundle.features}, device=torch.device(device),
+                   feature_mean=bundle.feature_mean, feature_std=bundle.feature_std)
 
     @property
     def in_dim(self) -> int:
@@ -126,6 +135,8 @@ class Predictor:
         if len(video) == 0:
             raise PredictError("the video has no features (shorter than one snippet)")
         features = torch.tensor(video.features, device=self.device)[None]  # a copy: shard arrays are read-only
+        if self.feature_mean is not None:  # as in training (ModelBundle.normalize)
+            features = (features - self.feature_mean.to(features)) / self.feature_std.to(features)
         logits = self.model(features).logits[0]
         return torch.sigmoid(logits.float()).cpu().numpy()
 

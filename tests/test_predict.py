@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 import ms_temba
 from extractors.shards import VideoFeatures, write_shard
@@ -33,13 +34,14 @@ FEATURE_METADATA = {"backbone": "i3d", "model_name": "inception_i3d", "checkpoin
                     "clip_window": None, "hop_frames": 8, "feature_hop_s": None, "precision": "float32"}
 
 
-def make_bundle(path: Path, features=FEATURE_METADATA, seed=0, in_dim=IN_DIM, class_names=CLASS_NAMES) -> torch.nn.Module:
+def make_bundle(path: Path, features=FEATURE_METADATA, seed=0, in_dim=IN_DIM, class_names=CLASS_NAMES,
+                feature_mean=None, feature_std=None) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = ms_temba.create_model("ms_temba_tiny", in_dim=in_dim, num_classes=len(class_names)).eval()
     save_bundle(path, ModelBundle(
         model_name="ms_temba_tiny", model_config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
         class_names=list(class_names), features=dict(features), dataset="test", train_params={}, selected_epoch=1,
-        val_map=math.nan, train_videos=[], val_videos=[]))
+        val_map=math.nan, train_videos=[], val_videos=[], feature_mean=feature_mean, feature_std=feature_std))
     return model
 
 
@@ -86,6 +88,24 @@ def test_predict_on_feature_shards_writes_probabilities_and_segments(tmp_path):
         image = __import__("matplotlib.image", fromlist=["imread"]).imread(out / f"{video_id}.timeline.png")
         assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
     assert not (out / "failures.jsonl").exists()
+
+
+def test_predict_applies_the_training_standardisation(tmp_path):
+    # A model trained with train.normalize_features reads (x - mean) / std, as evaluate feeds it.
+    mean, std = torch.linspace(-20, 30, IN_DIM), torch.linspace(0.5, 40, IN_DIM)
+    model = make_bundle(tmp_path / "model.pt", feature_mean=mean, feature_std=std)
+    videos = make_shards(tmp_path / "shards")
+    assert predict_main(["--features", str(tmp_path / "shards"), "--checkpoint", str(tmp_path / "model.pt"),
+                         "--out", str(tmp_path / "out")]) == 0
+    bundle = load_bundle(tmp_path / "model.pt")
+    for video_id, video in videos.items():
+        probs = read_probabilities(tmp_path / "out" / f"{video_id}.probs.parquet")[0]
+        with torch.no_grad():
+            expected = torch.sigmoid(model(bundle.normalize(torch.from_numpy(video.features))[None]).logits[0])
+        np.testing.assert_allclose(probs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    make_bundle(tmp_path / "bad.pt", feature_mean=mean[:-1], feature_std=std[:-1])
+    with pytest.raises(PredictError, match="standardisation does not have 16 dimensions"):
+        Predictor.from_checkpoint(tmp_path / "bad.pt")
 
 
 def test_shards_of_another_feature_dim_are_refused(tmp_path, capsys):
@@ -243,68 +263,70 @@ def temporal_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
     return intersection / union if union > 0 else 0.0
 
 
-def train_tiny_model(videos: dict[str, VideoFeatures], actions: dict[str, list], num_classes: int,
-                     steps: int) -> torch.nn.Module:
-    """ms_temba_tiny trained with ms_temba_loss on whole videos (one padded batch). Inputs are
-    standardised for the optimiser, and the standardisation is then folded into the first layer,
-    so the returned model reads raw extractor features exactly as predict feeds them."""
-    from ms_temba.losses import ms_temba_loss
+def pipeline_model(root: Path, overrides: list[str]) -> tuple[dict, Path]:
+    """Synthetic videos -> manifest -> I3D feature shards -> `pipelines.train`, in `root`, with the
+    pipeline's composed configuration plus `overrides`. Returns (annotations, models/model.pt).
 
-    ids = sorted(videos)
-    length = max(len(videos[v]) for v in ids)
-    dim = videos[ids[0]].dim
-    features = torch.zeros(len(ids), length, dim)
-    labels = torch.zeros(len(ids), length, num_classes)
-    mask = torch.zeros(len(ids), length, dtype=torch.bool)
-    for b, video_id in enumerate(ids):
-        video = videos[video_id]
-        centres = (video.start_s + video.end_s) / 2
-        features[b, :len(video)] = torch.from_numpy(video.features)
-        mask[b, :len(video)] = True
-        for c, start, end in actions[video_id]:
-            labels[b, :len(video), c] = torch.from_numpy(((centres >= start) & (centres < end)).astype(np.float32))
-    mean, std = features[mask].mean(0), features[mask].std(0) + 1e-6
-    standardised = (features - mean) / std
+    The manifest and train stages run through their own entry points, so the checkpoint is what
+    `dvc repro` makes of this configuration. The extract stage's work is done in-process with the
+    same worker (ExtractionWorker: the same seeded random I3D) and the same shard metadata as its
+    Ray actors, which saves starting Ray on a small CPU machine."""
+    from extractors.run import ExtractionWorker, _shard_metadata, shard_name
+    from extractors.synthetic import make_dataset
+    from pipelines import manifest as manifest_stage
+    from pipelines import train as train_stage
+    from pipelines.config import compose_params, load_params
 
-    torch.manual_seed(0)
-    model = ms_temba.create_model("ms_temba_tiny", in_dim=dim, num_classes=num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
-    for _ in range(steps):
-        loss = ms_temba_loss(model(standardised, mask), labels, mask)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():  # proj(x') with x' = (x - mean) / std  ==  proj'(x)
-        weight = model.proj.weight / std
-        model.proj.bias -= (model.proj.weight * (mean / std)).sum(1)
-        model.proj.weight.copy_(weight)
-    return model.eval()
+    data = root / "data"
+    params = compose_params(["experiment=tiny", f"dataset.video_dir={data / 'videos'}",
+                             f"dataset.annotations={data / 'annotations.json'}",
+                             f"dataset.class_names={data / 'classes.txt'}", *overrides])
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_params(root / "params.yaml")
+    annotations = make_dataset(data, **params["dataset"]["synthetic"])
+    manifest_stage.main(["--params", str(root / "params.yaml"), "--out", str(root / "manifest.parquet"),
+                         "--report", str(root / "manifest_report.json")])
+    rows = manifest_stage.usable_videos(manifest_stage.read_manifest(root / "manifest.parquet"))
+    assert len(rows) == len(annotations)
+    worker = ExtractionWorker(cfg.extractor)
+    features = {row["video_id"]: worker.extract(row["path"]) for row in rows}
+    (root / "shards").mkdir()
+    write_shard(root / "shards" / shard_name(0), sorted(features.items()),
+                _shard_metadata(cfg.extractor, worker.shard_metadata()))
+    train_stage.main(["--params", str(root / "params.yaml"), "--manifest", str(root / "manifest.parquet"),
+                      "--shards", str(root / "shards"), "--checkpoints", str(root / "checkpoints"),
+                      "--out", str(root / "model.pt"), "--log", str(root / "train_log.csv")])
+    return annotations, root / "model.pt"
 
 
 @pytest.mark.slow
 def test_end_to_end_predict_finds_the_actions_of_an_unseen_video(tmp_path):
-    from extractors.config import ExtractorConfig
-    from extractors.run import ExtractionWorker
-    from extractors.synthetic import make_dataset
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a small shared CPU, more threads than cores make every step far slower
+    try:
+        run_end_to_end(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
 
-    torch.set_num_threads(2)
+
+def run_end_to_end(tmp_path: Path) -> None:
     num_classes = 6
-    annotations = make_dataset(tmp_path / "data", num_videos=7, num_classes=num_classes, seed=0, fps=8, size=32,
-                               min_duration=20.0, max_duration=24.0, test_fraction=0.15)
+    # 14 training videos (11 trained on, 3 for epoch selection) of ~40 s at 64 px (the random I3D
+    # needs the size to see the patterns), 2 unseen ones. The recipe is the tiny experiment's with
+    # standardised features, a higher lr, ~120 steps, and a small consistency weight: alpha=100
+    # dominates the loss of so short a run. One thread in training (train.num_threads).
+    annotations, checkpoint = pipeline_model(tmp_path, [
+        "dataset.synthetic.num_videos=16", f"dataset.synthetic.num_classes={num_classes}",
+        "dataset.synthetic.size=64", "dataset.synthetic.min_duration=36.0", "dataset.synthetic.max_duration=44.0",
+        "dataset.synthetic.test_fraction=0.125", "extractor.chunk_frames=640", "extractor.device=cpu",
+        "train.epochs=40", "train.warmup_epochs=2", "train.lr=2e-3", "train.alpha=1.0",
+        "train.normalize_features=true", "train.num_threads=1", "train.device=cpu"])
+    bundle = load_bundle(checkpoint)
+    assert bundle.feature_mean is not None  # predict must apply the training standardisation
+    train_ids = sorted(v for v, a in annotations.items() if a["subset"] == "training")
+    assert sorted(bundle.train_videos + bundle.val_videos) == train_ids
     videos = {v: tmp_path / "data" / "videos" / f"{v}.mp4" for v in annotations}
     test_id = next(v for v, a in annotations.items() if a["subset"] == "testing")
-
-    # Features exactly as the extract stage makes them (random I3D, seeded like its workers).
-    cfg = ExtractorConfig(backbone="i3d", fps=None, image_size=32, device="cpu")
-    extractor = ExtractionWorker(cfg).extractor
-    train_features = {v: extractor.extract(p) for v, p in videos.items() if v != test_id}
-    model = train_tiny_model(train_features, {v: annotations[v]["actions"] for v in train_features},
-                             num_classes, steps=120)
-    names = (tmp_path / "data" / "classes.txt").read_text().split()
-    save_bundle(tmp_path / "model.pt", ModelBundle(
-        model_name="ms_temba_tiny", model_config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
-        class_names=names, features={**extractor.metadata(), "package_version": "test"}, dataset="synthetic",
-        train_params={}, selected_epoch=1, val_map=math.nan, train_videos=sorted(train_features), val_videos=[]))
 
     # The unseen video plus an unreadable one in the same folder.
     folder = tmp_path / "new"
@@ -312,7 +334,7 @@ def test_end_to_end_predict_finds_the_actions_of_an_unseen_video(tmp_path):
     (folder / f"{test_id}.mp4").write_bytes(videos[test_id].read_bytes())
     (folder / "broken.mp4").write_bytes(b"\x00" * 1000)
     out = tmp_path / "predictions"
-    assert predict_main([str(folder), "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out), "--plot",
+    assert predict_main([str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--plot",
                          "--device", "cpu"]) == 0
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [f["video_id"] for f in failures] == ["broken"]
@@ -323,14 +345,18 @@ def test_end_to_end_predict_finds_the_actions_of_an_unseen_video(tmp_path):
 
     # A checkpoint whose model reads 16-d features but claims this I3D: the rebuilt extractor makes
     # 1024-d features, a clear error before any video is decoded.
-    make_bundle(tmp_path / "other.pt", features={**extractor.metadata(), "dim": IN_DIM})
+    make_bundle(tmp_path / "other.pt", features={**bundle.features, "dim": IN_DIM})
     assert predict_main([str(folder), "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o" / f"{test_id}.segments.json").exists()
 
-    # Last, the quality bar: segments overlap the true actions of the classes seen often in training.
+    # Last, the quality bar: segments overlap the true actions of the classes seen often in training
+    # (>= 10 segments in the training subset: the objects and the rain overlay; the long background
+    # activities occur only a handful of times). "Most": more than half of those true segments
+    # (at least 2 s long) are matched by a predicted segment of their class at tIoU >= 0.5.
     segments = json.loads((out / f"{test_id}.segments.json").read_text())
-    counts = np.bincount([c for v in train_features for c, _, _ in annotations[v]["actions"]], minlength=num_classes)
-    frequent = set(np.argsort(-counts)[:3].tolist())
+    counts = np.bincount([c for v in train_ids for c, _, _ in annotations[v]["actions"]], minlength=num_classes)
+    frequent = set(np.flatnonzero(counts >= 10).tolist())
+    assert len(frequent) >= 2
     truth = [(c, s, e) for c, s, e in annotations[test_id]["actions"] if c in frequent and e - s >= 2.0]
     matched = [max([temporal_iou((s, e), (g["start_s"], g["end_s"])) for g in segments if g["class_id"] == c],
                    default=0.0) >= 0.5 for c, s, e in truth]
