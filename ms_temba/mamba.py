@@ -50,6 +50,10 @@ def rms_norm_branches(norms, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, weight.shape[-1:], eps=norms[0].eps) * weight
 
 
+# Groups (mixer, direction pairs) per selective-scan call; None = all in one call.
+SCAN_GROUPS_PER_CALL: int | None = None
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """The SSM parameters A, D and the dt bias are kept in (at least) fp32, as mamba_ssm does,
     because exp(delta * A) over long sequences is sensitive to their precision."""
@@ -224,23 +228,42 @@ def bimamba_branches(mixers, hidden_states: torch.Tensor, mask: torch.Tensor | N
         [dt_rank, d_state, d_state], dim=-1
     )  # (batch, length, groups, .)
     delta = per_branch_linear(dt_low_rank, [p.weight for p in dt_projs])  # bias added in the scan
-    y = ops.selective_scan(
+    y = _grouped_scan(
         u.reshape(batch, length, channels).transpose(1, 2),
         delta.reshape(batch, length, channels).transpose(1, 2),
         -torch.exp(_at_least_fp32(torch.cat(A_logs))),
         B.permute(0, 2, 3, 1),  # (batch, groups, d_state, length)
         C.permute(0, 2, 3, 1),
         _at_least_fp32(torch.cat(Ds)),
-        z=z.transpose(1, 2),
-        delta_bias=_at_least_fp32(torch.cat([p.bias for p in dt_projs])),
-        delta_softplus=True,
-    )  # (batch, channels, length)
+        z.transpose(1, 2),
+        _at_least_fp32(torch.cat([p.bias for p in dt_projs])),
+    )  # (batch, length, channels)
     # Flip the backward pairs back into time order and average the two directions.
-    y = y.transpose(1, 2).reshape(batch, length, k, 2, d_inner)
+    y = y.view(batch, length, k, 2, d_inner)
     y = (y[:, :, :, 0] + y[:, :, :, 1].flip(1)) / 2
     out = per_branch_linear(y, [m.out_proj.weight for m in mixers])
     C = C.view(batch, length, k, 2, d_state)
     return out, torch.cat([C[:, :, :, 0], C[:, :, :, 1].flip(1)], dim=-1)
+
+
+def _grouped_scan(u, delta, A, B, C, D, z, delta_bias) -> torch.Tensor:
+    """ops.selective_scan (with softplus) of grouped inputs in calls of at most
+    SCAN_GROUPS_PER_CALL groups; channels never interact, so any split gives the same result.
+
+    Returns y (batch, length, dim).
+    """
+    groups = B.shape[1]
+    per_call = groups if SCAN_GROUPS_PER_CALL is None else SCAN_GROUPS_PER_CALL
+    per_group = u.shape[1] // groups
+    ys = []
+    for first in range(0, groups, per_call):
+        g = slice(first, min(first + per_call, groups))
+        c = slice(g.start * per_group, g.stop * per_group)
+        ys.append(ops.selective_scan(
+            u[:, c], delta[:, c], A[c], B[:, g], C[:, g], D[c], z=z[:, c],
+            delta_bias=delta_bias[c], delta_softplus=True,
+        ).transpose(1, 2))
+    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
 def per_branch_linear(x: torch.Tensor, weights) -> torch.Tensor:
