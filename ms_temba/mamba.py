@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from ms_temba import ops
 
-__all__ = ["RMSNorm", "BiMamba", "bimamba_branches", "per_branch_linear",
-           "rms_norm_branches"]
+__all__ = ["RMSNorm", "BiMamba"]
 
 
 class RMSNorm(nn.RMSNorm):
@@ -40,18 +39,6 @@ class RMSNorm(nn.RMSNorm):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__(dim, eps=eps)
-
-
-def rms_norm_branches(norms, x: torch.Tensor) -> torch.Tensor:
-    """k RMSNorms applied branch-wise: x (..., k, dim), branch i normalised by norms[i]."""
-    if len(norms) == 1:
-        return norms[0](x)
-    weight = torch.stack([norm.weight for norm in norms])  # (k, dim)
-    return F.rms_norm(x, weight.shape[-1:], eps=norms[0].eps) * weight
-
-
-# Groups (mixer, direction pairs) per selective-scan call; None = all in one call.
-SCAN_GROUPS_PER_CALL: int | None = None
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -114,20 +101,17 @@ class BiMamba(nn.Module):
         D._no_weight_decay = True
         return conv1d, x_proj, dt_proj, A_log, D
 
-    def directions(self):
-        """(conv1d, x_proj, dt_proj, A_log, D) of the forward, then the backward direction."""
-        return [
-            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
-            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
-        ]
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """mamba_simple's initialisation, for both directions. in_proj, out_proj, x_proj and the
         convs keep PyTorch's default initialisation, as in mamba_simple."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
-        for conv1d, x_proj, dt_proj, A_log, D in self.directions():
+        directions = [
+            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+        ]
+        for conv1d, x_proj, dt_proj, A_log, D in directions:
             conv1d.reset_parameters()
             x_proj.reset_parameters()
             # dt_proj maps a rank-dt_rank code to d_inner step sizes; this scale preserves the
@@ -159,116 +143,55 @@ class BiMamba(nn.Module):
             C (batch, length, 2 * d_state): [C_forward, C_backward] per frame, both in time order,
             zero at padded frames.
         """
-        out, c = bimamba_branches(
-            [self], hidden_states.unsqueeze(2), None if mask is None else mask.unsqueeze(2)
+        xz = self.in_proj(hidden_states)  # (batch, length, 2 * d_inner)
+        if mask is not None:
+            # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
+            xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
+        # (batch, 2 * d_inner, length), contiguous: the layout of mamba_simple, which the CUDA conv
+        # and scan kernels expect.
+        xz = xz.transpose(1, 2).contiguous()
+
+        y_f, c_f = self._scan(
+            xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
         )
-        return (out.squeeze(2), c.squeeze(2)) if return_c else out.squeeze(2)
+        xz_b = xz.flip(-1)
+        mask_b = None if mask is None else mask.flip(-1)
+        y_b, c_b = self._scan(
+            xz_b, mask_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+        )
+        # Flip the backward direction back into time order and average the two directions.
+        y = (y_f + y_b.flip(-1)) / 2
+        out = self.out_proj(y.transpose(1, 2))
+        if not return_c:
+            return out
+        return out, torch.cat([c_f, c_b.flip(1)], dim=-1)
 
+    def _scan(self, xz, mask, conv1d, x_proj, dt_proj, A_log, D):
+        """One direction: causal conv + selective scan over the sequence in `xz`'s order.
 
-def bimamba_branches(mixers, hidden_states: torch.Tensor, mask: torch.Tensor | None = None):
-    """Run k BiMamba mixers of the same shape, mixer i on its own sequence, with ONE scan call.
-
-    The CPU scan is a loop over time whose cost is dominated by per-step overhead, so scanning the
-    2k (mixer, direction) pairs one after the other costs about 2k times what one scan over all of
-    their channels side by side costs. The channels of every pair are therefore stacked along the
-    channel axis: pair g = 2 * i + s (mixer i, s = 0 forward, 1 backward) owns channels
-    g * d_inner .. (g + 1) * d_inner - 1 and its own B and C (the scan's `groups`). The backward
-    pairs' inputs are time-flipped, so scan step t is frame t for a forward pair and frame
-    length - 1 - t for a backward pair.
-
-    Args:
-        mixers: k BiMamba modules with equal d_model, d_state, d_conv and expand.
-        hidden_states: (batch, length, k, d_model); mixer i reads hidden_states[:, :, i].
-        mask: optional (batch, length, k) bool, True = real frame, padding only at the end.
-
-    Returns:
-        out (batch, length, k, d_model), zero at padded frames, and
-        C (batch, length, k, 2 * d_state): [C_forward, C_backward] in time order, zero at padding.
-    """
-    first = mixers[0]
-    batch, length, k, _ = hidden_states.shape
-    d_inner, d_state, dt_rank = first.d_inner, first.d_state, first.dt_rank
-    groups = 2 * k
-    channels = groups * d_inner
-    # Per-pair parameters in pair order [mixer 0 forward, mixer 0 backward, mixer 1 forward, ...].
-    conv1ds, x_projs, dt_projs, A_logs, Ds = zip(*(pair for m in mixers for pair in m.directions()))
-
-    if mask is not None:
-        # Zeroing the padded frames of the input zeroes x and z there (in_proj has no bias);
-        # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
-        hidden_states = hidden_states.masked_fill(~mask.unsqueeze(-1), 0.0)
-        # Each pair's mask in its own scan order (flipped for the backward pairs).
-        mask = torch.stack([mask, mask.flip(1)], dim=-1).view(batch, length, groups)
-
-    def both_directions(weights):
-        """in_proj rows `weights` of every mixer -> (batch, length, channels) in pair order, the
-        backward pairs' copy flipped in time."""
-        half = per_branch_linear(hidden_states, weights)  # (batch, length, k, d_inner)
-        return torch.stack([half, half.flip(1)], dim=3).view(batch, length, channels)
-
-    # in_proj's first d_inner rows make x (the SSM input), the other d_inner z (the gate).
-    x = both_directions([m.in_proj.weight[:d_inner] for m in mixers])
-    z = both_directions([m.in_proj.weight[d_inner:] for m in mixers])
-
-    # Causal depthwise conv of every pair at once: it is per channel. The conv kernels want the
-    # channels-first layout of mamba_simple.
-    u = ops.causal_conv1d(
-        x.transpose(1, 2).contiguous(),
-        torch.cat([conv.weight.squeeze(1) for conv in conv1ds]),
-        torch.cat([conv.bias for conv in conv1ds]),
-        activation="silu",
-    )  # (batch, channels, length)
-    u = u.transpose(1, 2).view(batch, length, groups, d_inner)
-    if mask is not None:
-        # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
-        # exactly zero through the (leading, for the backward pairs) padding.
-        u = u.masked_fill(~mask.unsqueeze(-1), 0.0)
-    # Input-dependent step size (low rank), B and C: the "selective" part of Mamba.
-    dt_low_rank, B, C = per_branch_linear(u, [p.weight for p in x_projs]).split(
-        [dt_rank, d_state, d_state], dim=-1
-    )  # (batch, length, groups, .)
-    delta = per_branch_linear(dt_low_rank, [p.weight for p in dt_projs])  # bias added in the scan
-    y = _grouped_scan(
-        u.reshape(batch, length, channels).transpose(1, 2),
-        delta.reshape(batch, length, channels).transpose(1, 2),
-        -torch.exp(_at_least_fp32(torch.cat(A_logs))),
-        B.permute(0, 2, 3, 1),  # (batch, groups, d_state, length)
-        C.permute(0, 2, 3, 1),
-        _at_least_fp32(torch.cat(Ds)),
-        z.transpose(1, 2),
-        _at_least_fp32(torch.cat([p.bias for p in dt_projs])),
-    )  # (batch, length, channels)
-    # Flip the backward pairs back into time order and average the two directions.
-    y = y.view(batch, length, k, 2, d_inner)
-    y = (y[:, :, :, 0] + y[:, :, :, 1].flip(1)) / 2
-    out = per_branch_linear(y, [m.out_proj.weight for m in mixers])
-    C = C.view(batch, length, k, 2, d_state)
-    return out, torch.cat([C[:, :, :, 0], C[:, :, :, 1].flip(1)], dim=-1)
-
-
-def _grouped_scan(u, delta, A, B, C, D, z, delta_bias) -> torch.Tensor:
-    """ops.selective_scan (with softplus) of grouped inputs in calls of at most
-    SCAN_GROUPS_PER_CALL groups; channels never interact, so any split gives the same result.
-
-    Returns y (batch, length, dim).
-    """
-    groups = B.shape[1]
-    per_call = groups if SCAN_GROUPS_PER_CALL is None else SCAN_GROUPS_PER_CALL
-    per_group = u.shape[1] // groups
-    ys = []
-    for first in range(0, groups, per_call):
-        g = slice(first, min(first + per_call, groups))
-        c = slice(g.start * per_group, g.stop * per_group)
-        ys.append(ops.selective_scan(
-            u[:, c], delta[:, c], A[c], B[:, g], C[:, g], D[c], z=z[:, c],
-            delta_bias=delta_bias[c], delta_softplus=True,
-        ).transpose(1, 2))
-    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
-
-
-def per_branch_linear(x: torch.Tensor, weights) -> torch.Tensor:
-    """Bias-free linear maps applied branch-wise: (..., k, in) -> (..., k, out), where branch i
-    uses weights[i] (out, in)."""
-    if len(weights) == 1:
-        return F.linear(x, weights[0])
-    return torch.einsum("...ki,koi->...ko", x, torch.stack(weights))
+        Returns y (batch, d_inner, length) gated by silu(z), and C (batch, length, d_state).
+        """
+        x, z = xz.chunk(2, dim=1)
+        u = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
+        if mask is not None:
+            # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
+            # exactly zero through the (leading, for the backward scan) padding.
+            u = u.masked_fill(~mask.unsqueeze(1), 0.0)
+        # Input-dependent step size (low rank), B and C: the "selective" part of Mamba.
+        dt_low_rank, B, C = x_proj(u.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = F.linear(dt_low_rank, dt_proj.weight).transpose(1, 2)  # bias added in the scan
+        A = -torch.exp(_at_least_fp32(A_log))
+        y = ops.selective_scan(
+            u,
+            delta,
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            _at_least_fp32(D),
+            z=z,
+            delta_bias=_at_least_fp32(dt_proj.bias),
+            delta_softplus=True,
+        )
+        return y, C

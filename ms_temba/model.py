@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ms_temba.mamba import BiMamba, RMSNorm, bimamba_branches, rms_norm_branches
+from ms_temba.mamba import BiMamba, RMSNorm
 
 __all__ = [
     "MSTembaConfig",
@@ -47,8 +47,6 @@ __all__ = [
     "MSTembaOutput",
     "BiMambaLayer",
     "BiMambaStack",
-    "bimamba_layers",
-    "bimamba_stacks",
     "LinearProjection",
     "TemporalLocalModule",
     "dilated_temporal_ssm",
@@ -160,8 +158,8 @@ class BiMambaLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None):
-        out, c = bimamba_layers([self], x.unsqueeze(2), _branch_axis(mask))
-        return out.squeeze(2), c.squeeze(2)
+        mixed, c = self.mixer(self.norm(x), mask, return_c=True)
+        return x + self.dropout(mixed), c
 
 
 class BiMambaStack(nn.Module):
@@ -181,36 +179,9 @@ class BiMambaStack(nn.Module):
         self.norm_f = RMSNorm(width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None):
-        out, c = bimamba_stacks([self], x.unsqueeze(2), _branch_axis(mask))
-        return out.squeeze(2), c.squeeze(2)
-
-
-def _branch_axis(mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if mask is None else mask.unsqueeze(2)
-
-
-def bimamba_layers(layers, x: torch.Tensor, mask: torch.Tensor | None):
-    """k BiMambaLayers of the same shape, layer i on x[:, :, i], with one fused scan.
-
-    x: (batch, length, k, width); mask: (batch, length, k) or None.
-    Returns out (batch, length, k, width) and C (batch, length, k, 2 * d_state).
-    """
-    normed = rms_norm_branches([layer.norm for layer in layers], x)
-    mixed, c = bimamba_branches([layer.mixer for layer in layers], normed, mask)
-    # The layers' Dropout modules all have the config's rate, so the first one stands for all.
-    return x + layers[0].dropout(mixed), c
-
-
-def bimamba_stacks(stacks, x: torch.Tensor, mask: torch.Tensor | None):
-    """k BiMambaStacks of the same shape, stack i on x[:, :, i], run in lockstep: layer j of every
-    stack in one fused call (see `bimamba_branches` for why that is faster).
-
-    x: (batch, length, k, width); mask: (batch, length, k) or None.
-    Returns out (batch, length, k, width) and the last layers' C (batch, length, k, 2 * d_state).
-    """
-    for layers in zip(*(stack.layers for stack in stacks)):
-        x, c = bimamba_layers(layers, x, mask)
-    return rms_norm_branches([stack.norm_f for stack in stacks], x), c
+        for layer in self.layers:
+            x, c = layer(x, mask)
+        return self.norm_f(x), c
 
 
 def dilated_temporal_ssm(
@@ -233,12 +204,12 @@ def dilated_temporal_ssm(
     pad = sub_length * k - length
     x = F.pad(x, (0, 0, 0, pad))
     mask = F.pad(mask, (0, pad), value=False)
-    # Frame t = j * k + i lands in row j, column i: column i is sub-sequence i, which is exactly
-    # the (batch, length, branch, width) layout the branches run in, side by side.
-    out, c = bimamba_stacks(
-        branches, x.view(batch, sub_length, k, width), mask.view(batch, sub_length, k)
-    )
-    return out.reshape(batch, sub_length * k, width)[:, :length], c.transpose(1, 2)
+    # Frame t = j * k + i lands in row j, column i: column i is sub-sequence i.
+    x = x.reshape(batch, sub_length, k, width)
+    mask = mask.reshape(batch, sub_length, k)
+    outs, cs = zip(*(branch(x[:, :, i], mask[:, :, i]) for i, branch in enumerate(branches)))
+    out = torch.stack(outs, dim=2).reshape(batch, sub_length * k, width)[:, :length]
+    return out, torch.stack(cs, dim=1)
 
 
 class MSTemba(nn.Module):
