@@ -41,7 +41,9 @@ def videos(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic")
     annotations = make_dataset(root, num_videos=3, num_classes=NUM_CLASSES, seed=1, fps=8, size=32,
-                               min_duration=3.0, max_duration=4.0)
+                               min_duration=6.0, max_duration=8.0)
+    # The defect counts below assume every generated video starts out with actions.
+    assert all(entry["actions"] for entry in annotations.values())
     return root, annotations
 
 
