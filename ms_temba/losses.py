@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ms_temba.model import check_padding_mask
+
 __all__ = ["ms_temba_loss", "masked_bce", "branch_consistency"]
 
 
@@ -108,16 +110,7 @@ def branch_consistency(c: torch.Tensor, block: int | None = None) -> torch.Tenso
 
 def _check_mask(mask, logits: torch.Tensor) -> torch.Tensor:
     batch, length = logits.shape[:2]
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=logits.device)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = getattr(mask, "dtype", type(mask).__name__)
-        raise ValueError(f"mask must be a bool tensor, got {got}")
-    if mask.shape != (batch, length):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)} but the logits need (batch, time) = "
-            f"{(batch, length)}"
-        )
+    mask = check_padding_mask(mask, batch, length, logits.device, needed_by="the logits")
     if not mask.any():
         raise ValueError("mask has no real frame: the loss is undefined on an all-padding batch")
     return mask

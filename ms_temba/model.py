@@ -325,24 +325,25 @@ class MSTemba(nn.Module):
             raise ValueError("features have an empty batch (batch == 0)")
         if not features.is_floating_point():
             raise ValueError(f"features must be floating point, got dtype {features.dtype}")
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=features.device)
-        else:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                got = getattr(mask, "dtype", type(mask).__name__)
-                raise ValueError(f"mask must be a bool tensor, got {got}")
-            if mask.shape != (batch, length):
-                raise ValueError(
-                    f"mask has shape {tuple(mask.shape)} but features need (batch, time) = "
-                    f"{(batch, length)}"
-                )
-            if (mask[:, 1:] & ~mask[:, :-1]).any():
-                raise ValueError(
-                    "mask has a real frame after a padded one: padding must be at the end"
-                )
+        mask = check_padding_mask(mask, batch, length, features.device, needed_by="features")
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("mask has a real frame after a padded one: padding must be at the end")
         if not torch.isfinite(features).all(dim=-1).logical_or(~mask).all():
             raise ValueError("features contain NaN or inf at real (unpadded) frames")
         return mask
+
+
+def check_padding_mask(mask, batch: int, length: int, device, needed_by: str) -> torch.Tensor:
+    """The (batch, time) bool mask of real frames; all True when None. ValueError if malformed."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = getattr(mask, "dtype", type(mask).__name__)
+        raise ValueError(f"mask must be a bool tensor, got {got}")
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but {needed_by} need (batch, time) = "
+                         f"{(batch, length)}")
+    return mask
 
 
 def _count(module: nn.Module | None) -> int:
