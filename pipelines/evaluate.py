@@ -70,7 +70,7 @@ def draw_timeline(path: Path, sequence: Sequence, probabilities: np.ndarray, cla
     active = np.flatnonzero(sequence.labels.any(axis=0) | (probabilities.max(axis=0) >= 0.5))
     active = active if len(active) else np.arange(len(class_names))
     extent = (0, len(sequence.labels) * seconds_per_feature, len(active) - 0.5, -0.5)
-    figure, axes = plt.subplots(2, 1, figsize=(12, 1.5 + 0.5 * len(active)), sharex=True)
+    figure, axes = plt.subplots(2, 1, figsize=(12, 1.5 + 0.5 * len(active)), sharex=True, layout="constrained")
     for axis, values, title in ((axes[0], sequence.labels, "ground truth"), (axes[1], probabilities, "predicted")):
         image = axis.imshow(values[:, active].T, aspect="auto", interpolation="nearest", cmap="viridis",
                             vmin=0, vmax=1, extent=extent)
