@@ -15,7 +15,7 @@ Measured, in float32, on test videos this script writes with PyAV into a tempora
     (extract_videos reuses an initialised Ray), so the ratio excludes the cluster start-up but
     includes each run's actor start-up (process, imports, building the backbone).
 
-    python benchmarks/bench_extract.py                  # about 3-4 minutes on 2 cores
+    python benchmarks/bench_extract.py                  # about 2.5 minutes on 2 cores
     python benchmarks/bench_extract.py --skip-clip-large --ray-videos 4   # a quicker look
 """
 from __future__ import annotations
