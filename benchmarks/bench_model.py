@@ -39,7 +39,6 @@ class TransformerDetector:
 
     @staticmethod
     def build(in_dim: int, num_classes: int):
-        import torch
         import torch.nn as nn
         import torch.nn.functional as F
 

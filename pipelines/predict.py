@@ -28,14 +28,12 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa

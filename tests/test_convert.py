@@ -8,7 +8,6 @@ that reads the release's own key names and runs its SSM as a plain float64 loop.
 """
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,22 +20,10 @@ from ms_temba.convert import (
     load_release_checkpoint,
     read_release_state_dict,
 )
+from shared_data import read_reference_shapes
 
-REFERENCE_KEYS = Path("/work/shared/reference/ms_temba_release_keys_i3d_157.tsv")
 SMALL = dict(in_dim=16, num_classes=5, widths=(8, 12, 16), d_state=4)
 HEAD_KEY = re.compile(r"^(blocks\.\d+(\.\d+)?|interaction_block)\.head\.(weight|bias)$")
-
-
-def read_reference_shapes() -> dict[str, tuple[int, ...]]:
-    if not REFERENCE_KEYS.is_file():
-        pytest.skip(f"{REFERENCE_KEYS} not available")
-    shapes = {}
-    for line in REFERENCE_KEYS.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        shapes[key] = tuple(int(n) for n in shape.split("x"))
-    return shapes
 
 
 def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -77,7 +64,7 @@ def _fields(config):
 # --------------------------------------------------------------------------------------------
 
 def test_reference_key_list_converts_to_the_paper_configuration():
-    shapes = read_reference_shapes()
+    shapes = read_reference_shapes("ms_temba_release_keys_i3d_157.tsv")
     state = random_tensors(shapes)
     config, converted = convert_release_state_dict(state)
     assert config == ms_temba.MSTembaConfig(in_dim=1024, num_classes=157, widths=(256, 384, 576),

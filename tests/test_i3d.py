@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,8 @@ from extractors.backbones import CheckpointError
 from extractors.config import ExtractorConfig
 from extractors.i3d import (CONTEXT_FRAMES, FEATURE_DIM, I3DExtractor, InceptionI3d, MaxPool3dSame, Unit3D,
                             load_i3d, num_snippets, same_padding)
+from shared_data import read_reference_shapes
 
-REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pytorch_i3d_rgb_keys.tsv"
 FPS = 24.0
 
 
@@ -101,14 +100,7 @@ def test_max_pool_same_output_size():
 
 
 def test_state_dict_matches_pytorch_i3d_rgb_imagenet():
-    if not REFERENCE_KEYS.is_file():
-        pytest.skip(f"reference key list {REFERENCE_KEYS} not present")
-    expected = {}
-    for line in REFERENCE_KEYS.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        expected[key] = tuple(int(size) for size in shape.split("x")) if shape else ()
+    expected = read_reference_shapes("pytorch_i3d_rgb_keys.tsv")
     ours = {key: tuple(value.shape) for key, value in InceptionI3d(num_classes=400).state_dict().items()}
     assert sorted(ours) == sorted(expected)
     assert ours == expected

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,8 @@ import torch.nn.functional as F
 import ms_temba
 from ms_temba.mamba import BiMamba
 from ms_temba.model import MSTemba, MSTembaConfig, dilated_temporal_ssm
+from shared_data import read_reference_shapes
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE_KEYS = SHARED / "reference" / "ms_temba_release_keys_i3d_157.tsv"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,18 +370,13 @@ def test_release_parameter_counts():
 
 
 def test_state_dict_matches_release_keys():
-    if not REFERENCE_KEYS.exists():
-        pytest.skip(f"{REFERENCE_KEYS} not available")
     reference = {}
-    for line in REFERENCE_KEYS.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
+    for key, shape in read_reference_shapes("ms_temba_release_keys_i3d_157.tsv").items():
         # The release's VisionMamba modules carry a never-used 1000-way ImageNet `head`.
         if key.endswith((".head.weight", ".head.bias")) and not key.startswith("head."):
-            assert shape.startswith("1000")
+            assert shape[0] == 1000
             continue
-        reference[key] = tuple(int(s) for s in shape.split("x"))
+        reference[key] = shape
     model = ms_temba.create_model("ms_temba_release")
     ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert ours == reference

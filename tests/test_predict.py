@@ -114,7 +114,7 @@ def test_shards_of_another_feature_dim_are_refused(tmp_path, capsys):
     code = predict_main(["--features", str(tmp_path / "shards"), "--checkpoint", str(tmp_path / "model.pt"),
                          "--out", str(tmp_path / "out")])
     assert code == 2
-    assert f"24-d features" in capsys.readouterr().err
+    assert "24-d features" in capsys.readouterr().err
     predictor = Predictor.from_checkpoint(tmp_path / "model.pt")
     with pytest.raises(PredictError, match="features are 24-d but the model expects 16-d"):
         predictor.probabilities(VideoFeatures(np.zeros((5, 24), np.float32), np.arange(5.0), np.arange(5.0) + 1))
