@@ -1,7 +1,7 @@
 """ms_temba.convert: importing the official MS-Temba release's checkpoints.
 
 The release's state dict is rebuilt from the reference key list of its I3D/Charades model
-(/work/shared/reference/ms_temba_release_keys_i3d_157.tsv, or its shape-for-shape copy at small
+(../shared/reference/ms_temba_release_keys_i3d_157.tsv, or its shape-for-shape copy at small
 sizes), and the forward pass is checked against `release_forward`, a functional re-statement of the
 release's `MSTemba.forward` (vim/models_MSTemba.py + mamba_simple's bimamba v2, fused add-norm)
 that reads the release's own key names and runs its SSM as a plain float64 loop.
