@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pipelines.bundle import load_bundle
 from pipelines.config import load_params
 from pipelines.data import Sequence, load_sequences
-from pipelines.io import setup_logging, write_json, write_parquet, write_text
+from pipelines.io import atomic_path, setup_logging, write_json, write_parquet, write_text
 from pipelines.manifest import read_manifest, usable_videos
 from pipelines.train import pick_device
 
@@ -78,10 +78,11 @@ def draw_timeline(path: Path, sequence: Sequence, probabilities: np.ndarray, cla
         axis.set_title(f"{sequence.video_id}: {title}", fontsize=9)
     axes[1].set_xlabel("time (s)")
     figure.colorbar(image, ax=axes, fraction=0.02)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.png")
-    figure.savefig(temporary, dpi=80)
-    plt.close(figure)
-    temporary.replace(path)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=80, format="png")
+    finally:
+        plt.close(figure)
 
 
 def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predictions_path, per_class_path,

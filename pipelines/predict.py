@@ -43,7 +43,7 @@ from extractors.config import ExtractorConfig
 from extractors.shards import FeatureStore, VideoFeatures, metadata_mismatch
 from ms_temba.segments import Segment, probabilities_to_segments
 from pipelines.bundle import ModelBundle, load_bundle
-from pipelines.io import write_json, write_parquet, write_text
+from pipelines.io import atomic_path, write_json, write_parquet, write_text
 
 # Defaults of the segment rule (docs/predict.md explains the choice).
 DEFAULT_THRESHOLD_ON = 0.5
@@ -289,14 +289,11 @@ def plot_timeline(path: Path, video_id: str, video: VideoFeatures, probs: np.nda
     axes[-1, 0].set_xlabel("time (s)")
     figure.suptitle(f"{video_id}: top {len(shown)} classes (shaded: detected segments)", fontsize=9)
     figure.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as handle:
-        temporary = Path(handle.name)
     try:
-        figure.savefig(temporary, dpi=100)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=100, format="png")
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
