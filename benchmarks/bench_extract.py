@@ -212,19 +212,20 @@ def bench_backbones(skip_clip_large: bool) -> list[dict]:
 
 def cpu_ceiling(paths: list[Path]) -> float:
     """How much faster 2 processes decode than 1 right now (plain processes, no Ray): the speed-up the
-    machine itself allows, which a co-tenant's load caps below 2x. Work: decord get_batch of 2 videos."""
+    machine itself allows, which a co-tenant's load caps below 2x. Work: `iter_frame_chunks` (the actors'
+    decoding) of 2 videos."""
     import concurrent.futures
     import multiprocessing
 
     pair = paths[:2]
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(decode_decord_raw, pair))  # start both workers, import decord, warm the page cache
+        list(pool.map(decode_iter_chunks, pair))  # start both workers, import decord, warm the page cache
         start = time.perf_counter()
         for path in pair:  # one at a time
-            pool.submit(decode_decord_raw, path).result()
+            pool.submit(decode_iter_chunks, path).result()
         one = time.perf_counter() - start
         start = time.perf_counter()
-        list(pool.map(decode_decord_raw, pair))  # both at once
+        list(pool.map(decode_iter_chunks, pair))  # both at once
         two = time.perf_counter() - start
     return one / two
 
