@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ms_temba import ops
 from ms_temba.mamba import BiMamba, RMSNorm
 
 __all__ = [
@@ -145,7 +146,12 @@ class TemporalLocalModule(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
-        return x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+        conv = self.conv
+        half_span = conv.dilation[0] * (conv.kernel_size[0] - 1)
+        padding = (half_span // 2, half_span - half_span // 2)  # what padding="same" pads
+        out = ops.depthwise_conv1d(x.transpose(1, 2), conv.weight.squeeze(1), conv.bias,
+                                   conv.dilation[0], padding)
+        return x + out.transpose(1, 2)
 
 
 class BiMambaLayer(nn.Module):

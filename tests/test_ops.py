@@ -2,12 +2,29 @@
 
 The references are written here from the recurrence's definition, step by step in float64, and
 differentiated by autograd; the implementation under test runs in float32 with its own backward.
+Every scan test runs twice (the `scan_path` fixture): through the C++ extension and through the
+pure-PyTorch fallback.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from ms_temba import ops
+
+
+@pytest.fixture(params=["extension", "eager"])
+def scan_path(request, monkeypatch):
+    """Run the test through the C++ recurrence, then through the pure-PyTorch one."""
+    if request.param == "eager":
+        monkeypatch.setattr(ops, "CPU_SCAN_EXTENSION", False)
+    else:  # this machine has a compiler: a failed build is a failure, not a silent fallback
+        assert ops._cpu_scan_extension() is not None, "the C++ selective scan did not build"
+    return request.param
 
 
 def reference_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -98,6 +115,7 @@ def check_against_reference(inputs, delta_softplus, chunk_length=None, tolerance
 
 
 @pytest.mark.parametrize("length", [1, 7, 129, 1000])
+@pytest.mark.usefixtures("scan_path")
 def test_full_scan_matches_reference(length):
     inputs = make_scan_inputs(batch=2, dim=6, state=4, length=length, seed=length)
     check_against_reference(inputs, delta_softplus=True)
@@ -113,6 +131,7 @@ def test_full_scan_matches_reference(length):
     ids=["bare", "D-only", "z-and-bias"],
 )
 @pytest.mark.parametrize("delta_softplus", [False, True])
+@pytest.mark.usefixtures("scan_path")
 def test_optional_inputs(options, delta_softplus):
     inputs = make_scan_inputs(batch=2, dim=5, state=3, length=37, **options)
     if not delta_softplus:
@@ -124,17 +143,20 @@ def test_optional_inputs(options, delta_softplus):
 
 
 @pytest.mark.parametrize("length", [7, 129])
+@pytest.mark.usefixtures("scan_path")
 def test_grouped_B_C(length):
     inputs = make_scan_inputs(batch=2, dim=6, state=4, length=length, groups=3, seed=5)
     check_against_reference(inputs, delta_softplus=True)
 
 
 @pytest.mark.parametrize("chunk_length,length", [(1, 9), (4, 30), (16, 129), (64, 1000)])
+@pytest.mark.usefixtures("scan_path")
 def test_chunked_scan_with_partial_last_chunk(chunk_length, length):
     inputs = make_scan_inputs(batch=1, dim=4, state=3, length=length, groups=2, seed=7)
     check_against_reference(inputs, delta_softplus=True, chunk_length=chunk_length)
 
 
+@pytest.mark.usefixtures("scan_path")
 def test_default_chunk_length_is_module_constant(monkeypatch):
     # A length that is not a multiple of the default chunk, run through the default code path.
     monkeypatch.setattr(ops, "SCAN_CHUNK_LENGTH", 5)
@@ -142,6 +164,7 @@ def test_default_chunk_length_is_module_constant(monkeypatch):
     check_against_reference(inputs, delta_softplus=True)
 
 
+@pytest.mark.usefixtures("scan_path")
 def test_return_last_state_is_the_final_state():
     inputs = make_scan_inputs(batch=2, dim=4, state=3, length=50, seed=11)
     out_only = ops.selective_scan(**inputs, delta_softplus=True)
@@ -152,6 +175,7 @@ def test_return_last_state_is_the_final_state():
     assert relative_error(last_state, ref_state) <= 1e-5
 
 
+@pytest.mark.usefixtures("scan_path")
 def test_float64_inputs_are_computed_in_float64():
     inputs = {k: (v.double() if v is not None else None)
               for k, v in make_scan_inputs(batch=1, dim=3, state=2, length=40).items()}
@@ -161,6 +185,7 @@ def test_float64_inputs_are_computed_in_float64():
     assert relative_error(out, ref_out) <= 1e-12
 
 
+@pytest.mark.usefixtures("scan_path")
 def test_bfloat16_inputs_compute_in_float32():
     # As in mamba_ssm: half-precision activations, float32 A and D; the scan runs in float32 and
     # returns the activations' dtype, so only the input rounding to bfloat16 separates the result
@@ -174,6 +199,7 @@ def test_bfloat16_inputs_compute_in_float32():
     assert relative_error(out, ref_out) <= 1e-2  # bfloat16 output rounding: 2^-8
 
 
+@pytest.mark.usefixtures("scan_path")
 def test_non_contiguous_inputs():
     inputs = make_scan_inputs(batch=2, dim=4, state=3, length=20, seed=2)
     # (batch, length, dim) storage viewed as (batch, dim, length), as a Mamba block produces.
@@ -181,6 +207,31 @@ def test_non_contiguous_inputs():
                       else v) for k, v in inputs.items()}
     assert not transposed["u"].is_contiguous()
     check_against_reference(transposed, delta_softplus=True)
+
+
+def test_failed_extension_build_warns_and_falls_back(tmp_path):
+    # A real failed build: no C++ compiler (CXX points at `false`), in an empty extensions
+    # directory, in a fresh process. The scan must warn once and still give the right answer.
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from ms_temba import ops
+        u, delta = torch.randn(1, 4, 40), torch.randn(1, 4, 40)
+        A, B, C = -torch.rand(4, 3), torch.randn(1, 3, 40), torch.randn(1, 3, 40)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = ops.selective_scan(u, delta, A, B, C, delta_softplus=True)
+            again = ops.selective_scan(u, delta, A, B, C, delta_softplus=True)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "could not be built" in messages[0], messages
+        assert not ops.CPU_SCAN_EXTENSION
+        torch.save((u, delta, A, B, C, out), "result.pt")
+    """)
+    env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, timeout=600)
+    u, delta, A, B, C, out = torch.load(tmp_path / "result.pt")
+    expected, _ = reference_selective_scan(u, delta, A, B, C, delta_softplus=True)
+    assert relative_error(out, expected) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -284,6 +335,64 @@ def test_causal_conv1d_gradients_flow():
 def test_causal_conv1d_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         ops.causal_conv1d(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# depthwise_conv1d (the TLM's conv and the CPU path of causal_conv1d)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width,dilation,padding", [(3, 1, (1, 1)), (3, 2, (2, 2)), (3, 3, (3, 3)),
+                                                    (4, 1, (3, 0)), (4, 2, (3, 3)), (1, 1, (0, 0)),
+                                                    (5, 2, (0, 1))])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_depthwise_conv1d_matches_torch_conv1d_with_gradients(width, dilation, padding, with_bias):
+    # Reference: torch's own conv1d (a different implementation), forward and every gradient.
+    g = torch.Generator().manual_seed(width * 10 + dilation)
+    # A transposed view, as the TLM passes it: (batch, length, dim) storage.
+    x = torch.randn(2, 23, 6, generator=g, dtype=torch.float64).transpose(1, 2)
+    weight = torch.randn(6, width, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64) if with_bias else None
+    grad_out = None
+    results = []
+    for conv in (ops.depthwise_conv1d, None):
+        inputs = [t.clone().requires_grad_() for t in (x, weight) + ((bias,) if with_bias else ())]
+        if conv is None:
+            out = torch.nn.functional.conv1d(torch.nn.functional.pad(inputs[0], padding),
+                                             inputs[1].unsqueeze(1), inputs[2] if with_bias else None,
+                                             dilation=dilation, groups=6)
+        else:
+            out = conv(inputs[0], inputs[1], inputs[2] if with_bias else None, dilation, padding)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for ours, reference in zip(*results):
+        assert ours.shape == reference.shape
+        assert torch.allclose(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_conv1d_leaves_its_inputs_alone_on_a_one_frame_output():
+    # batch 1, one output frame: bias[:, None].expand(1, dim, 1) counts as contiguous, the trap of
+    # building the output from the bias in place.
+    x, weight, bias = torch.randn(1, 4, 1), torch.randn(4, 4), torch.randn(4)
+    before = [t.clone() for t in (x, weight, bias)]
+    out = ops.depthwise_conv1d(x, weight, bias, 1, (3, 0))
+    torch.testing.assert_close(out[0, :, 0], bias + weight[:, 3] * x[0, :, 0])
+    for tensor, original in zip((x, weight, bias), before):
+        assert torch.equal(tensor, original)
+
+
+def test_depthwise_conv1d_gradcheck_and_bad_arguments():
+    g = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(2, 3, 12, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda *a: ops.depthwise_conv1d(*a, 2, (2, 2)), inputs)
+    with pytest.raises(ValueError, match="dilation"):
+        ops.depthwise_conv1d(*inputs, 0, (1, 1))
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        ops.depthwise_conv1d(inputs[0][..., :3], inputs[1], None, 4, (0, 0))
 
 
 def test_has_cuda_kernels_is_bool():
