@@ -4,7 +4,9 @@
     python benchmarks/bench_scan.py --lengths 2500 --repeats 5 --no-memory
 
 Each case runs forward + backward of the full selective scan (D, z, delta softplus, delta_bias)
-at batch 1, dim 1152, state 16, float32, with torch.set_num_threads(2), against
+at batch 1, dim 1152, state 16, float32, with torch.set_num_threads(2): `ours` (the default path,
+whose recurrence is the C++ extension) and `ours_pure_pytorch` (the same with the extension off,
+the fallback where no compiler is available), against
 
   * `loop`: the textbook per-time-step loop differentiated by autograd, written like mamba_ssm's
     `selective_scan_ref` (precomputed exp(delta A) and delta B u indexed step by step). Indexing
@@ -46,6 +48,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ms_temba import ops  # noqa: E402
 from ms_temba.ops import selective_scan  # noqa: E402
 
 BATCH, DIM, STATE = 1, 1152, 16
@@ -161,8 +164,18 @@ def ours(u, delta, A, B, C, D, z, delta_bias):
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
 
 
+def ours_pure_pytorch(u, delta, A, B, C, D, z, delta_bias):
+    """Our scan with the C++ recurrence switched off: the fallback for machines without a compiler."""
+    previous, ops.CPU_SCAN_EXTENSION = ops.CPU_SCAN_EXTENSION, False
+    try:
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+    finally:
+        ops.CPU_SCAN_EXTENSION = previous
+
+
 METHODS = {
     "ours": ours,
+    "ours_pure_pytorch": ours_pure_pytorch,
     "parallel": parallel_selective_scan,
     "loop_unbind": loop_unbind_selective_scan,
     "loop": loop_selective_scan,
@@ -225,6 +238,7 @@ def peak_memory_mb(method, length):
         "    return int(re.search(field + r':\\s+(\\d+) kB', text).group(1)) / 1024\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
         f"inputs = b.make_inputs({length}); grad_out = torch.randn(b.BATCH, b.DIM, {length})\n"
+        "b.ops._cpu_scan_extension()\n"  # load the C++ extension before the high-water mark reset
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = status_mb('VmRSS')\n"
         f"b.forward_backward({method!r}, inputs, grad_out)\n"
@@ -285,6 +299,7 @@ def main():
     for length in args.lengths:
         repeats = args.repeats if length <= 2500 else args.slow_repeats
         row = dict(length=length, ours_s=time_method("ours", length, args.repeats),
+                   ours_pure_pytorch_s=time_method("ours_pure_pytorch", length, args.repeats),
                    parallel_s=time_method("parallel", length, repeats),
                    loop_unbind_s=time_method("loop_unbind", length, repeats),
                    loop_s=loop_measured.get(length, loop_estimate(length)),
@@ -304,9 +319,9 @@ def main():
           f"dim {DIM}, state {STATE}, float32, forward + backward; load average at start "
           f"{load:.1f} on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"loop measured at {loop_lengths}")
-    header = ("| length | ours (s) | parallel (s) | loop_unbind (s) | loop (s) "
-              "| vs loop | vs loop_unbind | vs parallel |")
-    rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    header = ("| length | ours (s) | ours, pure PyTorch (s) | parallel (s) | loop_unbind (s) "
+              "| loop (s) | vs loop | vs loop_unbind | vs parallel |")
+    rule = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if not args.no_memory:
         header += " ours peak MB | parallel peak MB | memory ratio |"
         rule += "---:|---:|---:|"
@@ -314,7 +329,8 @@ def main():
     print(rule)
     for r in rows:
         mark = "~" if r["loop_estimated"] else ""
-        line = (f"| {r['length']} | {r['ours_s']:.3f} | {r['parallel_s']:.2f} "
+        line = (f"| {r['length']} | {r['ours_s']:.3f} | {r['ours_pure_pytorch_s']:.3f} "
+                f"| {r['parallel_s']:.2f} "
                 f"| {r['loop_unbind_s']:.2f} | {mark}{r['loop_s']:.0f} | {mark}{r['vs_loop']:.0f}x "
                 f"| {r['vs_loop_unbind']:.0f}x | {r['vs_parallel']:.1f}x |")
         if not args.no_memory:

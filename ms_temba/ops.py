@@ -195,8 +195,7 @@ class _SelectiveScanFunction(torch.autograd.Function):
         groups, state_size = _num_groups(B), A.shape[1]
         shape = _ScanShape(batch, dim, length, groups, state_size)
         u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
-        step = _step_size(shape.per_channel(delta, dtype), shape.channels(delta_bias, dtype),
-                          delta_softplus)
+        _, step = _step_size(shape, delta, delta_bias, delta_softplus, dtype)
         step_u = step * u_t
         B_t, C_t = shape.per_state(B, dtype), shape.per_state(C, dtype)
         A_t = shape.state_by_channel(A, dtype)
@@ -214,9 +213,10 @@ class _SelectiveScanFunction(torch.autograd.Function):
 
         pre_gate = y if D_t is None else y.addcmul_(u_t, D_t)  # y + D u
         out = pre_gate if z_t is None else pre_gate * F.silu(z_t)
-        ctx.save_for_backward(u_t, step, z_t, A_t, B_t, C_t, D_t,
-                              None if z_t is None else pre_gate,  # for d out / d z only
-                              initial_states, delta, delta_bias)
+        # The backward recomputes u_t, the step and y (for the gate's gradient) rather than
+        # keeping them: u is alive anyway in a Mamba block (its x_proj keeps it), and each of these
+        # sequence-long tensors is a tenth of the model's activation memory.
+        ctx.save_for_backward(u, delta, delta_bias, z_t, A_t, B_t, C_t, D_t, initial_states)
         ctx.shape, ctx.chunk_length, ctx.delta_softplus = shape, chunk_length, delta_softplus
         ctx.extension = extension
         ctx.input_dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z)]
@@ -226,33 +226,37 @@ class _SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_last_state):
-        (u_t, step, z_t, A_t, B_t, C_t, D_t, pre_gate, initial_states,
-         delta, delta_bias) = ctx.saved_tensors
+        u, delta, delta_bias, z_t, A_t, B_t, C_t, D_t, initial_states = ctx.saved_tensors
         shape: _ScanShape = ctx.shape
-        dtype = u_t.dtype
+        dtype = A_t.dtype
+        u_t = shape.per_channel(u, dtype)
+        pre_softplus, step = _step_size(shape, delta, delta_bias, ctx.delta_softplus, dtype)
 
         # out = (y + D u) silu(z): everything but y is elementwise, done on whole sequences.
-        grad_y = shape.per_channel(grad_out, dtype)
-        grad_z = None
+        grad_pre_gate = shape.per_channel(grad_out, dtype)
         if z_t is not None:
             sigmoid_z = torch.sigmoid(z_t)
-            # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
-            grad_z = grad_y * pre_gate * sigmoid_z * (1 + z_t * (1 - sigmoid_z))
-            grad_y = grad_y * z_t * sigmoid_z
+            grad_y = grad_pre_gate * z_t * sigmoid_z
+        else:
+            grad_y = grad_pre_gate.contiguous()
         grad_D = None
         if D_t is not None:
             grad_D = (grad_y * u_t).sum(dim=(0, 1))
 
-        # The scan in reverse time. grad_step is d loss / d delta, first only through exp(delta A);
-        # grad_step_u is d loss / d (delta u).
+        # The scan in reverse time, which also recomputes y. grad_step is d loss / d delta, first
+        # only through exp(delta A); grad_step_u is d loss / d (delta u).
         step_u = step * u_t
-        grad_y = grad_y.contiguous()
         if ctx.extension is not None:
-            grad_step, grad_step_u, grad_A, grad_B, grad_C = ctx.extension.backward(
+            y, grad_step, grad_step_u, grad_A, grad_B, grad_C = ctx.extension.backward(
                 step, step_u, A_t, B_t, C_t, grad_y, initial_states, ctx.chunk_length)
         else:
-            grad_step, grad_step_u, grad_A, grad_B, grad_C = _scan_backward_eager(
+            y, grad_step, grad_step_u, grad_A, grad_B, grad_C = _scan_backward_eager(
                 shape, step, step_u, A_t, B_t, C_t, grad_y, initial_states, ctx.chunk_length)
+        grad_z = None
+        if z_t is not None:
+            pre_gate = y if D_t is None else y.addcmul_(u_t, D_t)  # y + D u
+            # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+            grad_z = grad_pre_gate * pre_gate * sigmoid_z * (1 + z_t * (1 - sigmoid_z))
 
         # The product delta u, the skip connection D u, and the softplus, on whole sequences.
         grad_u = grad_step_u * step
@@ -260,9 +264,6 @@ class _SelectiveScanFunction(torch.autograd.Function):
             grad_u.addcmul_(grad_y, D_t)
         grad_step.addcmul_(grad_step_u, u_t)
         if ctx.delta_softplus:  # softplus' = sigmoid
-            pre_softplus = shape.per_channel(delta, dtype)
-            if delta_bias is not None:
-                pre_softplus = pre_softplus + shape.channels(delta_bias, dtype)
             grad_step *= torch.sigmoid(pre_softplus)
         grad_delta_bias = None
         if delta_bias is not None:
@@ -349,10 +350,10 @@ def _scan_forward_eager(shape: _ScanShape, step, step_u, A_t, B_t, C_t, chunk_le
 
 def _scan_backward_eager(shape: _ScanShape, step, step_u, A_t, B_t, C_t, grad_y, initial_states,
                          chunk_length):
-    """(grad_step through exp(delta A) only, grad_step_u, grad_A, grad_B, grad_C), as the C++
-    extension's backward: recompute each chunk's states from the state entering it, then run the
-    reverse-time recurrence of the gradient through the chunk."""
-    grad_step, grad_step_u = torch.empty_like(step), torch.empty_like(step)
+    """(y, grad_step through exp(delta A) only, grad_step_u, grad_A, grad_B, grad_C), as the C++
+    extension's backward: recompute each chunk's states (and y) from the state entering it, then
+    run the reverse-time recurrence of the gradient through the chunk."""
+    y, grad_step, grad_step_u = (torch.empty_like(step) for _ in range(3))
     grad_A = torch.zeros_like(A_t)
     grad_B, grad_C = torch.empty_like(B_t), torch.empty_like(C_t)
     chunks = _chunk_bounds(shape.length, chunk_length)
@@ -371,6 +372,7 @@ def _scan_backward_eager(shape: _ScanShape, step, step_u, A_t, B_t, C_t, grad_y,
         for t in range(chunk.stop - chunk.start - 2, -1, -1):
             grad_h[t].addcmul_(decay[t + 1], grad_h[t + 1])
         torch.mul(decay[0], grad_h[0], out=carried)
+        y[chunk] = torch.einsum("tbgnh,tbgn->tbgh", states[1:], C_t[chunk])
         grad_C[chunk] = torch.einsum("tbgnh,tbgh->tbgn", states[1:], grad_y[chunk])
 
         # h[t] = decay[t] h[t-1] + (delta u)[t] B[t]
@@ -382,7 +384,7 @@ def _scan_backward_eager(shape: _ScanShape, step, step_u, A_t, B_t, C_t, grad_y,
         # needed, so its buffer takes the product.
         grad_step[chunk] = torch.mul(grad_log_decay, A_t, out=decay).sum(dim=-2)
         grad_A += grad_log_decay.mul_(step[chunk].unsqueeze(-2)).sum(dim=(0, 1))
-    return grad_step, grad_step_u, grad_A, grad_B, grad_C
+    return y, grad_step, grad_step_u, grad_A, grad_B, grad_C
 
 
 class _ChunkWorkspace:
@@ -495,11 +497,12 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float32
 
 
-def _step_size(delta_t, delta_bias_t, delta_softplus):
-    """The effective step softplus(delta + delta_bias), time-major."""
-    if delta_bias_t is not None:
-        delta_t = delta_t + delta_bias_t
-    return F.softplus(delta_t) if delta_softplus else delta_t
+def _step_size(shape: _ScanShape, delta, delta_bias, delta_softplus, dtype):
+    """(delta + delta_bias, the effective step softplus(delta + delta_bias)), time-major."""
+    delta_t = shape.per_channel(delta, dtype)
+    if delta_bias is not None:
+        delta_t = delta_t + shape.channels(delta_bias, dtype)
+    return delta_t, (F.softplus(delta_t) if delta_softplus else delta_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,8 +541,8 @@ def causal_conv1d(
                          f"{tuple(bias.shape)}")
     if x.is_cuda and _cuda_causal_conv1d is not None:
         return _cuda_causal_conv1d(x, weight, bias, activation)
-    out = depthwise_conv1d(x, weight, bias, padding=(weight.shape[1] - 1, 0))
-    return F.silu(out) if activation is not None else out
+    return depthwise_conv1d(x, weight, bias, padding=(weight.shape[1] - 1, 0),
+                            silu=activation is not None)
 
 
 def depthwise_conv1d(
@@ -548,9 +551,10 @@ def depthwise_conv1d(
     bias: torch.Tensor | None = None,
     dilation: int = 1,
     padding: tuple[int, int] = (0, 0),
+    silu: bool = False,
 ) -> torch.Tensor:
     """Depthwise 1D convolution, `F.conv1d(F.pad(x, padding), weight[:, None], bias,
-    dilation=dilation, groups=dim)`, with a backward ~8x faster on CPU.
+    dilation=dilation, groups=dim)`, optionally followed by silu, with a backward ~8x faster on CPU.
 
     PyTorch's CPU backward of a depthwise conv1d takes ~10x its forward (75 ms vs 7 ms at dim 1152,
     length 2500); in MS-Temba that was a fifth of a training step. Here the kernel's few taps are
@@ -562,6 +566,8 @@ def depthwise_conv1d(
         bias: optional (dim,).
         dilation: spacing of the taps.
         padding: zeros added (before, after) the sequence.
+        silu: apply silu to the output. The backward then recomputes the pre-activation (a few
+            multiply-adds) instead of keeping it.
     """
     dilation, (pad_before, pad_after) = int(dilation), (int(padding[0]), int(padding[1]))
     if dilation < 1 or pad_before < 0 or pad_after < 0:
@@ -572,9 +578,10 @@ def depthwise_conv1d(
         raise ValueError(f"depthwise_conv1d: a sequence of length {x.shape[-1]} is shorter than the "
                          f"kernel's span {dilation * (weight.shape[1] - 1) + 1}")
     if x.is_cuda:  # cuDNN's depthwise kernels are fast both ways
-        return F.conv1d(F.pad(x, (pad_before, pad_after)), weight.unsqueeze(1), bias,
-                        dilation=dilation, groups=x.shape[1])
-    return _DepthwiseConv1d.apply(x, weight, bias, dilation, pad_before, pad_after)
+        out = F.conv1d(F.pad(x, (pad_before, pad_after)), weight.unsqueeze(1), bias,
+                       dilation=dilation, groups=x.shape[1])
+        return F.silu(out) if silu else out
+    return _DepthwiseConv1d.apply(x, weight, bias, dilation, pad_before, pad_after, bool(silu))
 
 
 class _DepthwiseConv1d(torch.autograd.Function):
@@ -582,25 +589,33 @@ class _DepthwiseConv1d(torch.autograd.Function):
     `addcmul_` per tap over whole sequences; the backward is the same sums transposed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dilation, pad_before, pad_after):
-        x_padded = F.pad(x, (pad_before, pad_after))
-        batch, dim, length = x.shape
-        out_length = x_padded.shape[-1] - dilation * (weight.shape[1] - 1)
+    def taps(x_padded, weight, bias, dilation):
+        batch, dim, padded_length = x_padded.shape
+        out_length = padded_length - dilation * (weight.shape[1] - 1)
         out = x_padded.new_empty(batch, dim, out_length)
         # A fresh buffer, not bias.expand(...).contiguous(): that can return the bias itself (an
         # expanded (1, dim, 1) counts as contiguous), and addcmul_ would then write into it.
         out.copy_(bias[:, None]) if bias is not None else out.zero_()
         for tap in range(weight.shape[1]):
             out.addcmul_(x_padded[..., tap * dilation:tap * dilation + out_length], weight[:, tap, None])
-        ctx.save_for_backward(x_padded, weight)
-        ctx.dilation, ctx.pad_before, ctx.length = dilation, pad_before, length
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
+    def forward(ctx, x, weight, bias, dilation, pad_before, pad_after, silu):
+        x_padded = F.pad(x, (pad_before, pad_after))
+        out = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
+        ctx.save_for_backward(x_padded, weight, bias)
+        ctx.dilation, ctx.pad_before, ctx.length, ctx.silu = dilation, pad_before, x.shape[-1], silu
+        return F.silu(out) if silu else out
+
+    @staticmethod
     def backward(ctx, grad_out):
-        x_padded, weight = ctx.saved_tensors
+        x_padded, weight, bias = ctx.saved_tensors
         dilation, out_length = ctx.dilation, grad_out.shape[-1]
+        if ctx.silu:  # d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))
+            pre_activation = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
+            sigmoid = torch.sigmoid(pre_activation)
+            grad_out = grad_out * sigmoid * pre_activation.mul_(1 - sigmoid).add_(1)
         grad_x_padded = torch.zeros_like(x_padded)
         grad_weight = torch.empty_like(weight)
         for tap in range(weight.shape[1]):
@@ -608,5 +623,5 @@ class _DepthwiseConv1d(torch.autograd.Function):
             grad_x_padded[..., window].addcmul_(grad_out, weight[:, tap, None])
             grad_weight[:, tap] = torch.einsum("bdt,bdt->d", grad_out, x_padded[..., window])
         grad_x = grad_x_padded[..., ctx.pad_before:ctx.pad_before + ctx.length]
-        grad_bias = grad_out.sum(dim=(0, 2)) if ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None
+        grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -113,9 +113,9 @@ void forward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const 
 template <typename scalar_t>
 void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const scalar_t* step_u,
                      const scalar_t* A, const scalar_t* B, const scalar_t* C,
-                     const scalar_t* grad_y, const scalar_t* checkpoints, scalar_t* grad_step,
-                     scalar_t* grad_step_u, scalar_t* grad_A_partial, scalar_t* grad_B_partial,
-                     scalar_t* grad_C_partial) {
+                     const scalar_t* grad_y, const scalar_t* checkpoints, scalar_t* y,
+                     scalar_t* grad_step, scalar_t* grad_step_u, scalar_t* grad_A_partial,
+                     scalar_t* grad_B_partial, scalar_t* grad_C_partial) {
   const int64_t N = s.states, H = s.channels;
   const int64_t num_blocks = s.batch * s.groups * s.blocks_per_group();
   const int64_t per_thread = s.length * s.batch * s.groups * N;
@@ -142,7 +142,8 @@ void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const
       }
       for (int64_t c = num_chunks - 1; c >= 0; --c) {
         const int64_t start = c * chunk, size = std::min(chunk, s.length - start);
-        // Recompute the chunk's decays and states from its checkpoint.
+        // Recompute the chunk's decays, states and outputs y from its checkpoint (y is returned
+        // so that the caller need not keep the forward's y for the gate's gradient).
         const scalar_t* saved = checkpoints + ((c * s.batch + b) * s.groups + g) * N * H;
         for (int64_t n = 0; n < N; ++n)
           for (int64_t i = 0; i < width; ++i) states[n * kBlock + i] = saved[n * H + h0 + i];
@@ -151,18 +152,23 @@ void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const
           const scalar_t* step_t = step + s.channel(t, b, g, h0);
           const scalar_t* step_u_t = step_u + s.channel(t, b, g, h0);
           const scalar_t* B_t = B + s.state(t, b, g, 0);
+          const scalar_t* C_t = C + s.state(t, b, g, 0);
+          scalar_t y_t[kBlock] = {};
           for (int64_t n = 0; n < N; ++n) {
             const scalar_t* A_n = A_block + n * kBlock;
             const scalar_t* prev = states.data() + (k * N + n) * kBlock;
             scalar_t* next = states.data() + ((k + 1) * N + n) * kBlock;
             scalar_t* decay = decays.data() + (k * N + n) * kBlock;
-            const scalar_t B_tn = B_t[n];
+            const scalar_t B_tn = B_t[n], C_tn = C_t[n];
 #pragma omp simd
             for (int64_t i = 0; i < width; ++i) {
               decay[i] = std::exp(step_t[i] * A_n[i]);
               next[i] = decay[i] * prev[i] + step_u_t[i] * B_tn;
+              y_t[i] += C_tn * next[i];
             }
           }
+          scalar_t* y_out = y + s.channel(t, b, g, h0);
+          for (int64_t i = 0; i < width; ++i) y_out[i] = y_t[i];
         }
         // Reverse time. grad_h holds d loss / d h[t] once C[t] grad_y[t] is added, and
         // decay[t+1] d loss / d h[t+1] (what step t+1 sends back) before.
@@ -241,6 +247,7 @@ std::vector<at::Tensor> backward(const at::Tensor& step, const at::Tensor& step_
   check({step, step_u, A, B, C, grad_y, checkpoints});
   TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk must be >= 1");
   const Layout s = layout_of(step, A);
+  auto y = at::empty_like(step);
   auto grad_step = at::empty_like(step);
   auto grad_step_u = at::empty_like(step);
   const int64_t threads = at::get_num_threads();
@@ -251,11 +258,11 @@ std::vector<at::Tensor> backward(const at::Tensor& step, const at::Tensor& step_
     backward_kernel<scalar_t>(
         s, chunk, step.data_ptr<scalar_t>(), step_u.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
         B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
-        checkpoints.data_ptr<scalar_t>(), grad_step.data_ptr<scalar_t>(),
+        checkpoints.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), grad_step.data_ptr<scalar_t>(),
         grad_step_u.data_ptr<scalar_t>(), grad_A_partial.data_ptr<scalar_t>(),
         grad_B_partial.data_ptr<scalar_t>(), grad_C_partial.data_ptr<scalar_t>());
   });
-  return {grad_step, grad_step_u, grad_A_partial.sum(0), grad_B_partial.sum(0),
+  return {y, grad_step, grad_step_u, grad_A_partial.sum(0), grad_B_partial.sum(0),
           grad_C_partial.sum(0)};
 }
 
@@ -264,5 +271,5 @@ std::vector<at::Tensor> backward(const at::Tensor& step, const at::Tensor& step_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "selective scan forward: (y, states entering each chunk + last state)");
   m.def("backward", &backward,
-        "selective scan backward: (grad_step, grad_step_u, grad_A, grad_B, grad_C)");
+        "selective scan backward: (y, grad_step, grad_step_u, grad_A, grad_B, grad_C)");
 }
