@@ -33,6 +33,10 @@ THREADS = 2
 # measure the default.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+# The pipeline stages' process settings, here for the allocator: glibc keeps large blocks in the
+# heap instead of fresh mmaps (see pipelines/__init__.py; --no-malloc-tuning measures without).
+import pipelines  # noqa: E402,F401
+
 
 class TransformerDetector:
     """Builds the MS-TCT-sized Transformer reference (a function, so torch loads only in workers)."""
@@ -165,6 +169,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2500, 10000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true", help="MS-Temba only")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="glibc's default mmap threshold (MS_TEMBA_MALLOC_TUNING=0)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -174,7 +180,11 @@ def main() -> None:
         print(json.dumps(run_case(args.case, args.length, args.mode, args.repeats)))
         return
 
-    print(f"# whole-model benchmark, batch 1, float32, {THREADS} threads, median of {args.repeats}")
+    if args.no_malloc_tuning:
+        os.environ["MS_TEMBA_MALLOC_TUNING"] = "0"  # read by `import pipelines` in the workers
+    tuning = os.environ.get("MS_TEMBA_MALLOC_TUNING", "1") != "0"
+    print(f"# whole-model benchmark, batch 1, float32, {THREADS} threads, median of {args.repeats}, "
+          f"glibc mmap threshold {'1 GiB (pipelines)' if tuning else 'default'}")
     rows = {}
     for length in args.lengths:
         repeats = 1 if length > 5000 else args.repeats

@@ -37,6 +37,7 @@ Both paths are tested against a float64 step-by-step reference, every gradient i
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -453,6 +454,8 @@ def _cpu_scan_extension():
 
 
 def _build_cpu_scan_extension():
+    # cpp_extension logs "No CUDA runtime is found" on import on CPU-only machines: not our concern.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # torch runs `ninja` from PATH; the pip package has one
