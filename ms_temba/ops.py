@@ -463,19 +463,20 @@ def _build_cpu_scan_extension():
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     source = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
-    # -march=native: the build is cached per machine type (the directory name carries the CPU's
-    # feature flags), so a home directory shared by different CPUs gets one build each.
     build_directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    build_directory = build_directory / f"ms_temba_scan_{_cpu_signature()}"
+    build_directory = build_directory / f"ms_temba_scan_{_build_signature()}"
     build_directory.mkdir(parents=True, exist_ok=True)
     return load(name="ms_temba_selective_scan_cpu", sources=[str(source)],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                 build_directory=str(build_directory), verbose=False)
 
 
-def _cpu_signature() -> str:
-    """A short hash of this CPU's model and feature flags (what -march=native compiles for)."""
-    described = platform.machine()
+def _build_signature() -> str:
+    """A short hash of what the build depends on besides the source, which ninja compares with its
+    last build: the CPU's model and feature flags (-march=native compiles for them) and the torch
+    installation (its include path, as this process sees it, is on the command line). Two venvs,
+    or two spellings of one venv's path, then get one build each instead of rebuilding in turn."""
+    described = f"{platform.machine()} {torch.__version__} {os.path.dirname(torch.__file__)}"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             described += "".join(line for line in cpuinfo
