@@ -152,27 +152,29 @@ class BiMamba(nn.Module):
         xz = xz.transpose(1, 2).contiguous()
 
         y_f, c_f = self._scan(
-            xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+            xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False
         )
-        xz_b = xz.flip(-1)
-        mask_b = None if mask is None else mask.flip(-1)
         y_b, c_b = self._scan(
-            xz_b, mask_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+            xz, mask, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+            reverse=True,
         )
-        # Flip the backward direction back into time order and average the two directions.
-        y = (y_f + y_b.flip(-1)) / 2
+        y = (y_f + y_b) / 2  # the average of the two directions
         out = self.out_proj(y.transpose(1, 2))
         if not return_c:
             return out
-        return out, torch.cat([c_f, c_b.flip(1)], dim=-1)
+        return out, torch.cat([c_f, c_b], dim=-1)
 
-    def _scan(self, xz, mask, conv1d, x_proj, dt_proj, A_log, D):
-        """One direction: causal conv + selective scan over the sequence in `xz`'s order.
+    def _scan(self, xz, mask, conv1d, x_proj, dt_proj, A_log, D, reverse):
+        """One direction: causal conv + selective scan over the sequence, from its last frame to
+        its first if `reverse`. The reversed direction is what Vim computes on `xz.flip(-1)`,
+        flipped back; the ops reverse inside instead, so no flipped copy of `xz` is kept for the
+        backward, and the results come back in time order.
 
         Returns y (batch, d_inner, length) gated by silu(z), and C (batch, length, d_state).
         """
         x, z = xz.chunk(2, dim=1)
-        u = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
+        u = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu",
+                              reverse=reverse)
         if mask is not None:
             # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
             # exactly zero through the (leading, for the backward scan) padding.
@@ -193,5 +195,6 @@ class BiMamba(nn.Module):
             z=z,
             delta_bias=_at_least_fp32(dt_proj.bias),
             delta_softplus=True,
+            reverse=reverse,
         )
         return y, C

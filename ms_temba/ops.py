@@ -85,6 +85,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
+    reverse: bool = False,
     chunk_length: int | None = None,
 ):
     """The Mamba selective scan; the semantics and shapes of mamba_ssm's `selective_scan_fn`.
@@ -100,6 +101,12 @@ def selective_scan(
         delta_softplus: apply softplus to delta (+ delta_bias).
         return_last_state: also return the final state h[length-1], (batch, dim, state). As in
             mamba_ssm, no gradient flows back through the returned state.
+        reverse: scan from the last time step to the first, i.e. the scan of the time-reversed
+            sequence with its output reversed back: `selective_scan(u.flip(-1), ...).flip(-1)`
+            with every (..., length) input flipped. The backward direction of a bidirectional
+            Mamba uses it to read the same tensors as the forward direction instead of flipped
+            copies of them (on the CPU path the flip is folded into the copies to time-major
+            layout that the scan makes anyway); the last state is then h[0].
         chunk_length: time steps per chunk of the CPU path (default `SCAN_CHUNK_LENGTH`).
 
     Returns:
@@ -109,14 +116,21 @@ def selective_scan(
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and _cuda_selective_scan is not None:
-        return _cuda_selective_scan(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
-        )
+        if not reverse:
+            return _cuda_selective_scan(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+            )
+        flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+        result = _cuda_selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z),
+                                      delta_bias, delta_softplus, return_last_state)
+        if return_last_state:
+            return result[0].flip(-1), result[1]
+        return result.flip(-1)
     chunk_length = SCAN_CHUNK_LENGTH if chunk_length is None else int(chunk_length)
     if chunk_length < 1:
         raise ValueError(f"selective_scan: chunk_length must be >= 1, got {chunk_length}")
     out, last_state = _SelectiveScanFunction.apply(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk_length
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), chunk_length
     )
     return (out, last_state) if return_last_state else out
 
@@ -190,11 +204,11 @@ class _SelectiveScanFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_length):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_length):
         dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
         batch, dim, length = u.shape
         groups, state_size = _num_groups(B), A.shape[1]
-        shape = _ScanShape(batch, dim, length, groups, state_size)
+        shape = _ScanShape(batch, dim, length, groups, state_size, reverse)
         u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
         _, step = _step_size(shape, delta, delta_bias, delta_softplus, dtype)
         step_u = step * u_t
@@ -214,10 +228,12 @@ class _SelectiveScanFunction(torch.autograd.Function):
 
         pre_gate = y if D_t is None else y.addcmul_(u_t, D_t)  # y + D u
         out = pre_gate if z_t is None else pre_gate * F.silu(z_t)
-        # The backward recomputes u_t, the step and y (for the gate's gradient) rather than
+        # The backward recomputes u_t, z_t, the step and y (for the gate's gradient) rather than
         # keeping them: u is alive anyway in a Mamba block (its x_proj keeps it), and each of these
         # sequence-long tensors is a tenth of the model's activation memory.
-        ctx.save_for_backward(u, delta, delta_bias, z_t, A_t, B_t, C_t, D_t, initial_states)
+        # z, not its time-major copy z_t: in a Mamba block z is a view of the in_proj output,
+        # which stays alive anyway (the conv keeps x, the other half of the same storage).
+        ctx.save_for_backward(u, delta, delta_bias, z, A_t, B_t, C_t, D_t, initial_states)
         ctx.shape, ctx.chunk_length, ctx.delta_softplus = shape, chunk_length, delta_softplus
         ctx.extension = extension
         ctx.input_dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z)]
@@ -227,10 +243,10 @@ class _SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_last_state):
-        u, delta, delta_bias, z_t, A_t, B_t, C_t, D_t, initial_states = ctx.saved_tensors
+        u, delta, delta_bias, z, A_t, B_t, C_t, D_t, initial_states = ctx.saved_tensors
         shape: _ScanShape = ctx.shape
         dtype = A_t.dtype
-        u_t = shape.per_channel(u, dtype)
+        u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
         pre_softplus, step = _step_size(shape, delta, delta_bias, ctx.delta_softplus, dtype)
 
         # out = (y + D u) silu(z): everything but y is elementwise, done on whole sequences.
@@ -282,40 +298,55 @@ class _SelectiveScanFunction(torch.autograd.Function):
             grad_delta_bias,
             None,
             None,
+            None,
         )
 
 
 class _ScanShape:
     """Conversions between the public (batch, dim, length) layouts and the scan's time-major ones.
 
-    dim is split into G groups of H channels (B and C are shared within a group).
+    dim is split into G groups of H channels (B and C are shared within a group). With `reverse`
+    the time-major side runs from the last time step to the first, so the scan itself only ever
+    goes forward in its own time.
     """
 
-    def __init__(self, batch, dim, length, groups, state_size):
+    def __init__(self, batch, dim, length, groups, state_size, reverse=False):
         self.batch, self.dim, self.length = batch, dim, length
         self.groups, self.state_size = groups, state_size
         self.per_group = dim // groups
         self.state = (batch, groups, state_size, self.per_group)  # one time step of h
+        self.reverse = reverse
+
+    def _time_major(self, x):
+        """A (length, ...) permuted view -> contiguous, in the scan's time order."""
+        if not self.reverse:
+            return x.contiguous()
+        # One copy, contiguous: flip() would keep the permuted strides and need a second one.
+        backwards = torch.arange(self.length - 1, -1, -1, device=x.device)
+        return x.index_select(0, backwards)
+
+    def _public_time(self, x_t):
+        return x_t.flip(0) if self.reverse else x_t
 
     def per_channel(self, x, dtype):
         """(batch, dim, length) -> contiguous (length, batch, G, H); None stays None."""
         if x is None:
             return None
-        x = x.permute(2, 0, 1).to(dtype).contiguous()  # free when x is a transposed (b, l, d)
+        x = self._time_major(x.permute(2, 0, 1).to(dtype))  # free when x is a transposed (b, l, d)
         return x.view(self.length, self.batch, self.groups, self.per_group)
 
     def channels_first(self, x_t):
-        """(length, batch, G, H) -> (batch, dim, length), a transposed view (no copy)."""
-        return x_t.view(self.length, self.batch, self.dim).permute(1, 2, 0)
+        """(length, batch, G, H) -> (batch, dim, length), a transposed view (a copy if reverse)."""
+        return self._public_time(x_t).reshape(self.length, self.batch, self.dim).permute(1, 2, 0)
 
     def per_state(self, x, dtype):
         """B or C: (batch, [G,] N, length) -> contiguous (length, batch, G, N)."""
         x = x.reshape(self.batch, self.groups, self.state_size, self.length)
-        return x.permute(3, 0, 1, 2).to(dtype).contiguous()
+        return self._time_major(x.permute(3, 0, 1, 2).to(dtype))
 
     def unper_state(self, x_t, public_shape):
         """(length, batch, G, N) -> B's or C's public shape, (batch, [G,] N, length)."""
-        return x_t.permute(1, 2, 3, 0).reshape(public_shape)
+        return self._public_time(x_t).permute(1, 2, 3, 0).reshape(public_shape)
 
     def channels(self, x, dtype):
         """(dim,) -> (G, H), broadcastable against per-channel values; None stays None."""
@@ -519,6 +550,8 @@ def causal_conv1d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    *,
+    reverse: bool = False,
 ) -> torch.Tensor:
     """Causal depthwise 1D convolution; the semantics of causal_conv1d's `causal_conv1d_fn`.
 
@@ -530,6 +563,9 @@ def causal_conv1d(
         weight: (dim, width).
         bias: optional (dim,).
         activation: None, "silu" or its alias "swish".
+        reverse: the causal conv of the time-reversed sequence, reversed back
+            (`causal_conv1d(x.flip(-1), ...).flip(-1)`): output t reads inputs t .. t + width - 1.
+            On CPU that is the same taps in the other order, with no flipped copies.
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
@@ -544,7 +580,12 @@ def causal_conv1d(
         raise ValueError(f"causal_conv1d: bias must be (dim={dim},), got shape "
                          f"{tuple(bias.shape)}")
     if x.is_cuda and _cuda_causal_conv1d is not None:
+        if reverse:
+            return _cuda_causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
         return _cuda_causal_conv1d(x, weight, bias, activation)
+    if reverse:  # out[t] = sum_k weight[k] x[t + width - 1 - k]: the reversed kernel, padded after
+        return depthwise_conv1d(x, weight.flip(-1), bias, padding=(0, weight.shape[1] - 1),
+                                silu=activation is not None)
     return depthwise_conv1d(x, weight, bias, padding=(weight.shape[1] - 1, 0),
                             silu=activation is not None)
 
@@ -608,13 +649,16 @@ class _DepthwiseConv1d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, dilation, pad_before, pad_after, silu):
         x_padded = F.pad(x, (pad_before, pad_after))
         out = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
-        ctx.save_for_backward(x_padded, weight, bias)
-        ctx.dilation, ctx.pad_before, ctx.length, ctx.silu = dilation, pad_before, x.shape[-1], silu
+        # x, not the padded copy: in a Mamba block x is a view of the in_proj output, which
+        # stays alive anyway (the scan keeps z, the other half of it). The backward pads again.
+        ctx.save_for_backward(x, weight, bias)
+        ctx.dilation, ctx.padding, ctx.silu = dilation, (pad_before, pad_after), silu
         return F.silu(out) if silu else out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_padded, weight, bias = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
+        x_padded = F.pad(x, ctx.padding)
         dilation, out_length = ctx.dilation, grad_out.shape[-1]
         if ctx.silu:  # d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))
             pre_activation = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
@@ -626,6 +670,6 @@ class _DepthwiseConv1d(torch.autograd.Function):
             window = slice(tap * dilation, tap * dilation + out_length)
             grad_x_padded[..., window].addcmul_(grad_out, weight[:, tap, None])
             grad_weight[:, tap] = torch.einsum("bdt,bdt->d", grad_out, x_padded[..., window])
-        grad_x = grad_x_padded[..., ctx.pad_before:ctx.pad_before + ctx.length]
+        grad_x = grad_x_padded[..., ctx.padding[0]:ctx.padding[0] + x.shape[-1]]
         grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
         return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -93,14 +93,24 @@ def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
-def check_against_reference(inputs, delta_softplus, chunk_length=None, tolerance=1e-5):
+def check_against_reference(inputs, delta_softplus, chunk_length=None, tolerance=1e-5,
+                            reverse=False):
+    """ops.selective_scan against the float64 loop: outputs, last state and every gradient.
+    With reverse, the reference is the loop over the time-flipped inputs, flipped back."""
     differentiable = {k: v for k, v in inputs.items() if v is not None}
     ours = {k: v.clone().requires_grad_() for k, v in differentiable.items()}
     ref = {k: v.double().requires_grad_() for k, v in differentiable.items()}
 
     out, last_state = ops.selective_scan(**ours, delta_softplus=delta_softplus,
-                                         return_last_state=True, chunk_length=chunk_length)
-    ref_out, ref_last_state = reference_selective_scan(**ref, delta_softplus=delta_softplus)
+                                         return_last_state=True, chunk_length=chunk_length,
+                                         reverse=reverse)
+    if reverse:
+        per_step = ("u", "delta", "B", "C", "z")
+        flipped = {k: v.flip(-1) if k in per_step else v for k, v in ref.items()}
+        ref_out, ref_last_state = reference_selective_scan(**flipped, delta_softplus=delta_softplus)
+        ref_out = ref_out.flip(-1)
+    else:
+        ref_out, ref_last_state = reference_selective_scan(**ref, delta_softplus=delta_softplus)
     assert out.dtype == torch.float32 and out.shape == inputs["u"].shape
     assert relative_error(out, ref_out) <= tolerance
     assert relative_error(last_state, ref_last_state) <= tolerance
@@ -119,6 +129,15 @@ def check_against_reference(inputs, delta_softplus, chunk_length=None, tolerance
 def test_full_scan_matches_reference(length):
     inputs = make_scan_inputs(batch=2, dim=6, state=4, length=length, seed=length)
     check_against_reference(inputs, delta_softplus=True)
+
+
+@pytest.mark.parametrize("chunk_length", [5, 32])
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.usefixtures("scan_path")
+def test_reverse_scan_is_the_scan_of_the_flipped_sequence(chunk_length, groups):
+    # 203 steps: chunks of 5 and 32 both leave a short last chunk, which runs first in reverse.
+    inputs = make_scan_inputs(batch=2, dim=6, state=4, length=203, groups=groups, seed=11)
+    check_against_reference(inputs, delta_softplus=True, chunk_length=chunk_length, reverse=True)
 
 
 @pytest.mark.parametrize(
@@ -302,6 +321,20 @@ def test_causal_conv1d_matches_loop(activation, with_bias, width, length):
     assert relative_error(out, expected) <= 1e-6
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("width,length", [(4, 1), (4, 50), (2, 17)])
+def test_reverse_causal_conv1d_is_the_conv_of_the_flipped_sequence(activation, width, length):
+    g = torch.Generator().manual_seed(width * 100 + length + 1)
+    x = torch.randn(2, 5, length, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, width, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    out = ops.causal_conv1d(x, weight, bias, activation, reverse=True)
+    expected = reference_causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
+    assert relative_error(out, expected) <= 1e-12
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.causal_conv1d(*a, activation=activation, reverse=True), (x, weight, bias))
+
+
 def test_causal_conv1d_is_causal():
     # Changing the input at time s must leave every output before s unchanged.
     g = torch.Generator().manual_seed(0)
@@ -407,12 +440,15 @@ def test_has_cuda_kernels_is_bool():
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS),
                     reason="needs CUDA and the mamba_ssm / causal_conv1d kernels")
-def test_cuda_kernels_match_cpu_path():
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_kernels_match_cpu_path(reverse):
     inputs = make_scan_inputs(batch=2, dim=64, state=16, length=300, groups=1, seed=4)
     cpu = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     gpu = {k: v.cuda().requires_grad_() for k, v in inputs.items()}
-    out_cpu, state_cpu = ops.selective_scan(**cpu, delta_softplus=True, return_last_state=True)
-    out_gpu, state_gpu = ops.selective_scan(**gpu, delta_softplus=True, return_last_state=True)
+    out_cpu, state_cpu = ops.selective_scan(**cpu, delta_softplus=True, return_last_state=True,
+                                            reverse=reverse)
+    out_gpu, state_gpu = ops.selective_scan(**gpu, delta_softplus=True, return_last_state=True,
+                                            reverse=reverse)
     assert relative_error(out_gpu.cpu(), out_cpu) <= 1e-4
     assert relative_error(state_gpu.cpu(), state_cpu) <= 1e-4
     grad_out = torch.randn(out_cpu.shape)
@@ -423,6 +459,6 @@ def test_cuda_kernels_match_cpu_path():
 
     x = torch.randn(2, 64, 100)
     weight, bias = torch.randn(64, 4), torch.randn(64)
-    conv_cpu = ops.causal_conv1d(x, weight, bias, "silu")
-    conv_gpu = ops.causal_conv1d(x.cuda(), weight.cuda(), bias.cuda(), "silu")
+    conv_cpu = ops.causal_conv1d(x, weight, bias, "silu", reverse=reverse)
+    conv_gpu = ops.causal_conv1d(x.cuda(), weight.cuda(), bias.cuda(), "silu", reverse=reverse)
     assert relative_error(conv_gpu.cpu(), conv_cpu) <= 1e-5
