@@ -8,7 +8,7 @@ and prints the ratios the performance issue asks for: MS-Temba vs the Transforme
 the same run, and the growth from T=2500 to T=10000. It also times one training step of the default
 recipe (num_clips 256, batch 5, AdamW) and a one-hour video at 3 features/s (T=10800) in one pass.
 
-    python benchmarks/bench_model.py                      # the full table (about 10 minutes)
+    python benchmarks/bench_model.py                      # the full table (about 3 minutes)
     python benchmarks/bench_model.py --lengths 256 1024   # a quick look
 
 The reference is a multi-stage Transformer encoder shaped like MS-TCT (stages of width 256/384/576/864,
@@ -206,8 +206,8 @@ def main() -> None:
     # The baseline (RSS after `import torch` and building the model) is mostly torch's shared
     # libraries, and how much of them is resident depends on the page cache: 505 MB after
     # `echo 3 > /proc/sys/vm/drop_caches`, ~700 MB right after the venv's files were written.
-    print("| T | MS-Temba fwd s | MS-Temba fwd+bwd s | MS-Temba peak RSS MB (baseline) | reference fwd+bwd s "
-          "| reference peak RSS MB | time ratio ref/Temba | memory ratio ref/Temba |")
+    print("| T | MS-Temba fwd s | MS-Temba fwd+bwd s | MS-Temba peak RSS MiB (baseline) | reference fwd+bwd s "
+          "| reference peak RSS MiB | time ratio ref/Temba | memory ratio ref/Temba |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for length, row in rows.items():
         temba, ref = row["temba_fb"], row.get("ref_fb", {"error": "skipped"})
@@ -230,11 +230,12 @@ def main() -> None:
                   f"(target <= 4.4x)")
         if "error" not in a:
             print(f"T=2500 forward+backward: {a['time_s']:.2f} s (target <= 2.8 s), "
-                  f"peak RSS {a['peak_rss_mb'] / 1024:.2f} GB (target <= 1.8 GB)")
+                  f"peak RSS {a['peak_rss_mb'] / 1024:.2f} GiB = "
+                  f"{a['peak_rss_mb'] * 2**20 / 1e9:.2f} GB (target <= 1.8 GB)")
 
     hour = measure("ms_temba", 10800, "forward", 1)
     print(f"one-hour video (T=10800) forward in one pass: {fmt(hour, 'time_s')} s, "
-          f"peak RSS {fmt(hour, 'peak_rss_mb', digits=0)} MB")
+          f"peak RSS {fmt(hour, 'peak_rss_mb', digits=0)} MiB")
     train = measure("ms_temba", 256, "train_step", 3)
     print(f"training step (num_clips 256, batch 5, AdamW): {fmt(train, 'time_s', digits=3)} s, "
           f"{fmt(train, 'sequences_per_s')} sequences/s")

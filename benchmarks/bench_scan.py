@@ -1,6 +1,6 @@
 """Benchmark of the CPU selective scan (`ms_temba.ops.selective_scan`) against references.
 
-    python benchmarks/bench_scan.py                      # lengths 256, 2500, 10000 (~5-10 minutes)
+    python benchmarks/bench_scan.py                      # lengths 256, 2500, 10000 (~2.5 minutes)
     python benchmarks/bench_scan.py --lengths 2500 --repeats 5 --no-memory
 
 Each case runs forward + backward of the full selective scan (D, z, delta softplus, delta_bias)
