@@ -583,11 +583,10 @@ def causal_conv1d(
         if reverse:
             return _cuda_causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
         return _cuda_causal_conv1d(x, weight, bias, activation)
+    padding = (weight.shape[1] - 1, 0)
     if reverse:  # out[t] = sum_k weight[k] x[t + width - 1 - k]: the reversed kernel, padded after
-        return depthwise_conv1d(x, weight.flip(-1), bias, padding=(0, weight.shape[1] - 1),
-                                silu=activation is not None)
-    return depthwise_conv1d(x, weight, bias, padding=(weight.shape[1] - 1, 0),
-                            silu=activation is not None)
+        weight, padding = weight.flip(-1), padding[::-1]
+    return depthwise_conv1d(x, weight, bias, padding=padding, silu=activation is not None)
 
 
 def depthwise_conv1d(

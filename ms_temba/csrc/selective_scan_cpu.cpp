@@ -39,7 +39,28 @@ struct Layout {
   int64_t state(int64_t t, int64_t b, int64_t g, int64_t n) const {
     return ((t * batch + b) * groups + g) * states + n;
   }
+  int64_t num_blocks() const { return batch * groups * blocks_per_group(); }
 };
+
+// Where block `index` lies: batch b, group g, channels h0 .. h0 + width - 1 of the group.
+struct Block {
+  int64_t b, g, h0, width;
+  Block(const Layout& s, int64_t index) {
+    const int64_t bg = index / s.blocks_per_group();
+    b = bg / s.groups;
+    g = bg % s.groups;
+    h0 = (index % s.blocks_per_group()) * kBlock;
+    width = std::min(kBlock, s.channels - h0);
+  }
+};
+
+// The block's columns of A (groups, N, H) as N rows of kBlock values.
+template <typename scalar_t>
+void load_A(const Layout& s, const Block& block, const scalar_t* A, scalar_t* A_block) {
+  for (int64_t n = 0; n < s.states; ++n)
+    for (int64_t i = 0; i < block.width; ++i)
+      A_block[n * kBlock + i] = A[(block.g * s.states + n) * s.channels + block.h0 + i];
+}
 
 Layout layout_of(const at::Tensor& step, const at::Tensor& A) {
   return Layout{step.size(0), step.size(1), step.size(2), step.size(3), A.size(1)};
@@ -61,22 +82,15 @@ void forward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const 
                     const scalar_t* A, const scalar_t* B, const scalar_t* C, scalar_t* y,
                     scalar_t* checkpoints) {
   const int64_t N = s.states, H = s.channels;
-  const int64_t num_blocks = s.batch * s.groups * s.blocks_per_group();
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, s.num_blocks(), 1, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> h_store(N * kBlock), A_store(N * kBlock);
     scalar_t* h = h_store.data();
     scalar_t* A_block = A_store.data();
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t bg = block / s.blocks_per_group();
-      const int64_t b = bg / s.groups, g = bg % s.groups;
-      const int64_t h0 = (block % s.blocks_per_group()) * kBlock;
-      const int64_t width = std::min(kBlock, H - h0);
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t i = 0; i < width; ++i) {
-          A_block[n * kBlock + i] = A[(g * N + n) * H + h0 + i];
-          h[n * kBlock + i] = 0;
-        }
-      }
+    for (int64_t index = first; index < last; ++index) {
+      const Block block(s, index);
+      const int64_t b = block.b, g = block.g, h0 = block.h0, width = block.width;
+      load_A(s, block, A, A_block);
+      std::fill(h_store.begin(), h_store.end(), scalar_t(0));
       auto save_state = [&](int64_t row) {
         scalar_t* saved = checkpoints + ((row * s.batch + b) * s.groups + g) * N * H;
         for (int64_t n = 0; n < N; ++n)
@@ -117,10 +131,9 @@ void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const
                      scalar_t* grad_step, scalar_t* grad_step_u, scalar_t* grad_A_partial,
                      scalar_t* grad_B_partial, scalar_t* grad_C_partial) {
   const int64_t N = s.states, H = s.channels;
-  const int64_t num_blocks = s.batch * s.groups * s.blocks_per_group();
   const int64_t per_thread = s.length * s.batch * s.groups * N;
   const int64_t num_chunks = (s.length + chunk - 1) / chunk;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, s.num_blocks(), 1, [&](int64_t first, int64_t last) {
     scalar_t* grad_B_mine = grad_B_partial + at::get_thread_num() * per_thread;
     scalar_t* grad_C_mine = grad_C_partial + at::get_thread_num() * per_thread;
     scalar_t* grad_A_mine = grad_A_partial + at::get_thread_num() * s.groups * N * H;
@@ -128,18 +141,12 @@ void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const
     std::vector<scalar_t> states((chunk + 1) * N * kBlock), decays(chunk * N * kBlock);
     std::vector<scalar_t> A_store(N * kBlock), g_store(N * kBlock), grad_A_store(N * kBlock);
     scalar_t *A_block = A_store.data(), *grad_h = g_store.data(), *grad_A_block = grad_A_store.data();
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t bg = block / s.blocks_per_group();
-      const int64_t b = bg / s.groups, g = bg % s.groups;
-      const int64_t h0 = (block % s.blocks_per_group()) * kBlock;
-      const int64_t width = std::min(kBlock, H - h0);
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t i = 0; i < width; ++i) {
-          A_block[n * kBlock + i] = A[(g * N + n) * H + h0 + i];
-          grad_h[n * kBlock + i] = 0;  // nothing comes back from after the last step
-          grad_A_block[n * kBlock + i] = 0;
-        }
-      }
+    for (int64_t index = first; index < last; ++index) {
+      const Block block(s, index);
+      const int64_t b = block.b, g = block.g, h0 = block.h0, width = block.width;
+      load_A(s, block, A, A_block);
+      std::fill(g_store.begin(), g_store.end(), scalar_t(0));  // nothing comes back after the end
+      std::fill(grad_A_store.begin(), grad_A_store.end(), scalar_t(0));
       for (int64_t c = num_chunks - 1; c >= 0; --c) {
         const int64_t start = c * chunk, size = std::min(chunk, s.length - start);
         // Recompute the chunk's decays, states and outputs y from its checkpoint (y is returned
