@@ -14,6 +14,9 @@ SampledFrameMAP           the Charades "sampled-25" variant: 25 frames per video
                           `charades_sample_indices`), then per-frame mAP.
 ActionConditionalMetrics  action-conditional precision / recall / F1 / mAP at temporal offsets t
                           (Tirupattur et al., MLAD, CVPR 2021), which MS-TCT reports.
+DetectionMAP              segment-level detection mAP at temporal IoU thresholds (0.1 .. 0.9 by
+                          default), the ActivityNet / THUMOS protocol that segment detectors
+                          (ActionFormer, PointTAD, OpenTAD) report; see `detection_average_precision`.
 
 Scores are stored as float32: scores that differ only beyond float32 resolution count as ties.
 """
@@ -33,6 +36,12 @@ __all__ = [
     "FrameMAP",
     "SampledFrameMAP",
     "ActionConditionalMetrics",
+    "DEFAULT_TIOU_THRESHOLDS",
+    "DetectionMAP",
+    "detection_average_precision",
+    "interpolated_average_precision",
+    "match_detections",
+    "temporal_iou",
 ]
 
 # Rows per chunk when counting co-occurrences with float32 matrix products: every partial count
@@ -372,6 +381,178 @@ def _summarise_pairs(precision, recall, ap, pairs) -> dict:
     f1 = 2 * mean_precision * mean_recall / total if total > 0 else 0.0
     return {"precision": mean_precision, "recall": mean_recall, "f1": f1,
             "map": float(ap[pairs].mean()), "num_pairs": num_pairs}
+
+
+# --------------------------------------------------------------------------------------------
+# Segment-level detection mAP (ActivityNet / THUMOS protocol)
+
+DEFAULT_TIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def temporal_iou(start, end, starts, ends) -> np.ndarray:
+    """tIoU of the segment [start, end] with each of the segments [starts[i], ends[i]]:
+    intersection / union of the time intervals (ActivityNet's `segment_iou`). A zero union
+    (two empty segments at the same time) has tIoU 0."""
+    starts, ends = np.asarray(starts, dtype=np.float64), np.asarray(ends, dtype=np.float64)
+    intersection = np.clip(np.minimum(end, ends) - np.maximum(start, starts), 0.0, None)
+    union = (end - start) + (ends - starts) - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
+
+
+def interpolated_average_precision(precision, recall) -> float:
+    """Area under the interpolated precision-recall curve, exactly as ActivityNet's
+    `interpolated_prec_rec` (Evaluation/utils.py, also used by THUMOS14 evaluations in OpenTAD):
+    the curve is padded with (recall 0, precision 0) and (recall 1, precision 0), precision is made
+    monotone from the right (p(r) = max precision at any recall >= r), and AP is the sum of
+    (r_i - r_{i-1}) * p_i over the points where recall changes. Not the 11-point VOC variant."""
+    precision = np.concatenate([[0.0], np.asarray(precision, dtype=np.float64), [0.0]])
+    recall = np.concatenate([[0.0], np.asarray(recall, dtype=np.float64), [1.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    changes = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(np.sum((recall[changes] - recall[changes - 1]) * precision[changes]))
+
+
+def match_detections(starts, ends, ground_starts, ground_ends, tiou_thresholds) -> np.ndarray:
+    """Greedy one-to-one matching of the detections of one class in one video, given in rank order
+    (highest score first), to that class's ground-truth instances in the same video.
+
+    At each threshold, detection i (in order) takes the not-yet-matched instance of highest tIoU
+    among those with tIoU >= threshold (the first of equal ones) and is a true positive; if there is
+    none it is a false positive. This is ActivityNet's `compute_average_precision_detection`
+    restricted to one video (matching never crosses videos, so matching video by video in global
+    rank order gives the same result).
+
+    Returns (thresholds, detections) bool, True = true positive.
+    """
+    thresholds = np.asarray(tiou_thresholds, dtype=np.float64)
+    true_positive = np.zeros((len(thresholds), len(starts)), dtype=bool)
+    if len(starts) == 0 or len(ground_starts) == 0:
+        return true_positive
+    iou = np.stack([temporal_iou(s, e, ground_starts, ground_ends) for s, e in zip(starts, ends)])
+    for k, threshold in enumerate(thresholds):
+        free = np.ones(len(ground_starts), dtype=bool)
+        for i in range(len(starts)):
+            candidates = np.where(free & (iou[i] >= threshold), iou[i], -1.0)
+            best = int(np.argmax(candidates))
+            if candidates[best] >= 0:
+                free[best] = False
+                true_positive[k, i] = True
+    return true_positive
+
+
+def detection_average_precision(detections, ground_truth, tiou_thresholds=DEFAULT_TIOU_THRESHOLDS) -> np.ndarray:
+    """Detection AP of one class at each tIoU threshold (ActivityNet / THUMOS protocol).
+
+    Args:
+        detections: (video, start, end, score) rows of one class, any order; `video` is any
+            hashable id (matching is within a video).
+        ground_truth: (video, start, end) rows of the same class.
+        tiou_thresholds: the tIoU thresholds.
+
+    The detections of all videos are ranked by score, highest first (ties keep the input order: a
+    stable sort, where ActivityNet's pandas sort is not stable), each is matched greedily as in
+    `match_detections`, and AP at a threshold is `interpolated_average_precision` of the
+    precision TP_n / n and recall TP_n / (ground-truth instances) after the n first detections.
+    A detection in a video without an instance of the class is a false positive.
+
+    Returns (thresholds,) float64: AP in [0, 1]; NaN when the class has no ground-truth instance.
+    """
+    thresholds = np.asarray(tiou_thresholds, dtype=np.float64)
+    ground_truth = list(ground_truth)
+    if not ground_truth:
+        return np.full(len(thresholds), np.nan)
+    detections = list(detections)
+    if not detections:
+        return np.zeros(len(thresholds))
+    scores = np.array([float(d[3]) for d in detections])
+    order = np.argsort(-scores, kind="stable")
+    ground_of: dict = {}
+    for video, start, end in ground_truth:
+        ground_of.setdefault(video, []).append((float(start), float(end)))
+    ranked_of: dict = {}
+    for rank, index in enumerate(order):
+        ranked_of.setdefault(detections[index][0], []).append(rank)
+    true_positive = np.zeros((len(thresholds), len(detections)), dtype=bool)
+    for video, ranks in ranked_of.items():
+        instances = ground_of.get(video)
+        if not instances:
+            continue
+        rows = [detections[order[r]] for r in ranks]
+        true_positive[:, ranks] = match_detections(
+            [float(r[1]) for r in rows], [float(r[2]) for r in rows],
+            [s for s, _ in instances], [e for _, e in instances], thresholds)
+    cumulative = np.cumsum(true_positive, axis=1)
+    precision = cumulative / np.arange(1, len(detections) + 1)
+    recall = cumulative / len(ground_truth)
+    return np.array([interpolated_average_precision(precision[k], recall[k]) for k in range(len(thresholds))])
+
+
+class DetectionMAP:
+    """Segment-level detection mAP at tIoU thresholds over many videos (ActivityNet / THUMOS
+    protocol; see `detection_average_precision` for the ranking, matching and interpolation).
+
+        metric = DetectionMAP(num_classes=157)
+        for detections, ground_truth in videos:
+            metric.update(detections, ground_truth)  # one video each
+        result = metric.compute()
+        result["map"], result["map_at"]
+
+    update(detections, ground_truth, video_id=None): detections are (class_id, start_s, end_s,
+    score) rows or objects with those attributes (ms_temba.segments.Segment); ground_truth are
+    (class_id, start_s, end_s) rows. Videos are told apart by `video_id` (default: the update's
+    number).
+
+    compute() -> {"map": mean over the thresholds of map_at, "map_at": {threshold: mean AP over the
+    classes with ground truth}, "ap": (thresholds, classes) AP, NaN where a class has no
+    ground-truth instance, "class_ap": (classes,) AP averaged over the thresholds,
+    "tiou_thresholds": the thresholds, "num_detections", "num_instances", "num_videos"}.
+    """
+
+    def __init__(self, num_classes: int, tiou_thresholds=DEFAULT_TIOU_THRESHOLDS):
+        self.num_classes = _positive_int(num_classes, "num_classes")
+        thresholds = tuple(float(t) for t in tiou_thresholds)
+        if not thresholds or any(not (0 < t <= 1) for t in thresholds):
+            raise ValueError(f"tiou_thresholds must be a non-empty list of numbers in (0, 1], got {thresholds}")
+        self.tiou_thresholds = thresholds
+        self.reset()
+
+    def reset(self) -> None:
+        self._detections = [[] for _ in range(self.num_classes)]
+        self._ground_truth = [[] for _ in range(self.num_classes)]
+        self._videos = 0
+
+    def update(self, detections, ground_truth, video_id=None) -> None:
+        video = self._videos if video_id is None else video_id
+        for detection in detections:
+            if hasattr(detection, "class_id"):
+                detection = (detection.class_id, detection.start_s, detection.end_s, detection.score)
+            class_id, start, end, score = detection
+            self._check_row(class_id, start, end, "detection")
+            if not np.isfinite(score):
+                raise ValueError(f"detection score must be finite, got {score!r}")
+            self._detections[int(class_id)].append((video, float(start), float(end), float(score)))
+        for class_id, start, end in ground_truth:
+            self._check_row(class_id, start, end, "ground-truth instance")
+            self._ground_truth[int(class_id)].append((video, float(start), float(end)))
+        self._videos += 1
+
+    def _check_row(self, class_id, start, end, what: str) -> None:
+        if not (isinstance(class_id, numbers.Integral) and 0 <= class_id < self.num_classes):
+            raise ValueError(f"{what} class must be an int in [0, {self.num_classes}), got {class_id!r}")
+        if not (np.isfinite(start) and np.isfinite(end) and end >= start):
+            raise ValueError(f"{what} must have finite times with end >= start, got [{start}, {end}]")
+
+    def compute(self) -> dict:
+        ap = np.stack([detection_average_precision(self._detections[c], self._ground_truth[c], self.tiou_thresholds)
+                       for c in range(self.num_classes)], axis=1)
+        has_ground_truth = ~np.isnan(ap[0])
+        map_at = {t: (float(ap[k, has_ground_truth].mean()) if has_ground_truth.any() else float("nan"))
+                  for k, t in enumerate(self.tiou_thresholds)}
+        return {"map": float(np.mean(list(map_at.values()))), "map_at": map_at, "ap": ap,
+                "class_ap": ap.mean(axis=0), "tiou_thresholds": self.tiou_thresholds,
+                "num_detections": sum(map(len, self._detections)),
+                "num_instances": sum(map(len, self._ground_truth)), "num_videos": self._videos}
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,13 @@ with this rule, applied to every class separately:
 
 The score of a segment is the mean probability of its class over all frames it covers (after
 merging, including the frames of the gap).
+
+`sweep_segments` is the variant for detection mAP: one threshold cannot give both the short
+confident segments and the long faint ones, which limits recall. It applies the rule above at
+several thresholds (threshold_on = threshold_off = each threshold in turn), pools the segments of
+all thresholds, and removes near-duplicates by greedy non-maximum suppression per class: segments
+are visited by decreasing score and one is dropped when its tIoU with an already kept segment of
+its class exceeds `nms_tiou`.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Segment", "probabilities_to_segments"]
+__all__ = ["Segment", "probabilities_to_segments", "sweep_segments", "nms"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,64 @@ def probabilities_to_segments(
             segments.append(Segment(class_id, start_s, end_s, score))
     segments.sort(key=lambda s: (s.start_s, s.class_id, s.end_s))
     return segments
+
+
+def sweep_segments(
+    probs,
+    times_start,
+    times_end,
+    thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    nms_tiou: float = 0.7,
+    min_duration_s: float = 0.0,
+    merge_gap_s: float = 0.0,
+) -> list[Segment]:
+    """Segments at several thresholds, merged by per-class NMS (see the module docstring).
+
+    Args:
+        probs, times_start, times_end, min_duration_s, merge_gap_s: as in `probabilities_to_segments`.
+        thresholds: non-empty list of thresholds in [0, 1]; at each one a segment is a run of
+            frames with p >= threshold (merged and filtered as in `probabilities_to_segments`).
+        nms_tiou: in [0, 1]; a segment whose tIoU with a higher-scoring kept segment of its class
+            is > nms_tiou is dropped. 1 keeps every distinct segment (exact duplicates, found at
+            several thresholds, are always dropped).
+
+    Returns:
+        The kept segments sorted by start time, then class id.
+    """
+    thresholds = [_check_number("thresholds[]", t, low=0.0, high=1.0) for t in thresholds]
+    if not thresholds:
+        raise ValueError("thresholds must not be empty")
+    nms_tiou = _check_number("nms_tiou", nms_tiou, low=0.0, high=1.0)
+    pooled: list[Segment] = []
+    for threshold in sorted(set(thresholds)):
+        pooled += probabilities_to_segments(probs, times_start, times_end, threshold, threshold,
+                                            min_duration_s, merge_gap_s)
+    kept = nms(pooled, nms_tiou)
+    kept.sort(key=lambda s: (s.start_s, s.class_id, s.end_s))
+    return kept
+
+
+def nms(segments: list[Segment], tiou: float) -> list[Segment]:
+    """Greedy non-maximum suppression per class: by decreasing score (ties: longer first, then
+    earlier), keep a segment unless it repeats a kept one of its class exactly or overlaps one with
+    tIoU > `tiou`. Returns the kept segments in that visiting order."""
+    order = sorted(segments, key=lambda s: (-s.score, -(s.end_s - s.start_s), s.start_s, s.class_id))
+    kept_of: dict[int, list[Segment]] = {}
+    kept = []
+    for segment in order:
+        others = kept_of.setdefault(segment.class_id, [])
+        if any(_segment_iou(segment, other) > tiou or (segment.start_s, segment.end_s) == (other.start_s, other.end_s)
+               for other in others):
+            continue
+        others.append(segment)
+        kept.append(segment)
+    return kept
+
+
+def _segment_iou(a: Segment, b: Segment) -> float:
+    intersection = max(0.0, min(a.end_s, b.end_s) - max(a.start_s, b.start_s))
+    union = (a.end_s - a.start_s) + (b.end_s - b.start_s) - intersection
+    return intersection / union if union > 0 else 0.0
 
 
 def _hysteresis_runs(p: np.ndarray, on: float, off: float) -> list[tuple[int, int]]:
