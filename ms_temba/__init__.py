@@ -11,15 +11,29 @@ kernels in `ms_temba.ops`.
 
 import importlib
 
+from ms_temba.registry import create_model, list_models, model_config, register_model
 from ms_temba.model import MSTemba, MSTembaConfig, MSTembaOutput, model_summary
-from ms_temba.registry import create_model, list_models, register_model
+# The baselines register themselves on import (ms_temba/mstct.py, mstcn.py, mlp.py).
+from ms_temba.mstct import MSTCT, MSTCTConfig, MSTCTOutput
+from ms_temba.mstcn import MSTCN, MSTCNConfig, MSTCNOutput
+from ms_temba.mlp import FrameMLP, FrameMLPConfig, FrameOutput
 
 __all__ = [
+    "FrameMLP",
+    "FrameMLPConfig",
+    "FrameOutput",
+    "MSTCN",
+    "MSTCNConfig",
+    "MSTCNOutput",
+    "MSTCT",
+    "MSTCTConfig",
+    "MSTCTOutput",
     "MSTemba",
     "MSTembaConfig",
     "MSTembaOutput",
     "create_model",
     "list_models",
+    "model_config",
     "model_summary",
     "register_model",
 ]

@@ -25,7 +25,37 @@ import torch.nn.functional as F
 
 from ms_temba.model import check_padding_mask
 
-__all__ = ["ms_temba_loss", "masked_bce", "branch_consistency"]
+__all__ = ["model_loss", "ms_temba_loss", "mstct_loss", "mstcn_loss", "frame_bce_loss", "masked_bce",
+           "branch_consistency", "action_heatmap", "heatmap_focal_loss"]
+
+
+def model_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None, *,
+               beta: float = 0.3, alpha: float = 100.0) -> dict[str, torch.Tensor]:
+    """The training objective of whichever model produced `output`, each model its own loss:
+    MS-Temba's (`ms_temba_loss`, with beta and alpha), MS-TCT's (`mstct_loss`), MS-TCN's
+    (`mstcn_loss`), and plain BCE for a per-frame model. Always has "loss" and "bce" (the BCE of the
+    final prediction), plus each loss's own terms."""
+    from ms_temba.mlp import FrameOutput
+    from ms_temba.model import MSTembaOutput
+    from ms_temba.mstcn import MSTCNOutput
+    from ms_temba.mstct import MSTCTOutput
+
+    if isinstance(output, MSTembaOutput):
+        return ms_temba_loss(output, targets, mask, beta=beta, alpha=alpha)
+    if isinstance(output, MSTCTOutput):
+        return mstct_loss(output, targets, mask)
+    if isinstance(output, MSTCNOutput):
+        return mstcn_loss(output, targets, mask)
+    if isinstance(output, FrameOutput):
+        return frame_bce_loss(output, targets, mask)
+    raise TypeError(f"no loss is known for a model output of type {type(output).__name__}")
+
+
+def frame_bce_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """BCE of `output.logits` only (per frame, as `masked_bce`)."""
+    mask, targets = _checked(output, targets, mask)
+    bce = masked_bce(output.logits, targets, mask)
+    return {"loss": bce, "bce": bce}
 
 
 def ms_temba_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None,
@@ -129,3 +159,94 @@ def _check_targets(targets, logits: torch.Tensor, mask: torch.Tensor) -> torch.T
     if not torch.isfinite(real).all() or (real < 0).any() or (real > 1).any():
         raise ValueError("targets must be in [0, 1] (1 = class active) at real frames")
     return targets
+
+
+def mstct_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None,
+               heatmap_weight: float = 0.05) -> dict[str, torch.Tensor]:
+    """MS-TCT's objective (official train.py, alpha_l = 1, beta_l = 0.05):
+
+        loss = bce(logits) + heatmap_weight * focal(heatmap_logits, action_heatmap(targets))
+    """
+    mask, targets = _checked(output, targets, mask)
+    bce = masked_bce(output.logits, targets, mask)
+    focal = heatmap_focal_loss(output.heatmap_logits, action_heatmap(targets, mask), mask)
+    return {"loss": bce + heatmap_weight * focal, "bce": bce, "heatmap_focal": focal}
+
+
+def mstcn_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None,
+               smooth_weight: float = 0.15, smooth_clamp: float = 4.0) -> dict[str, torch.Tensor]:
+    """MS-TCN's objective, summed over the stages (Farha & Gall 2019, Eq. 3-5, with a sigmoid per
+    class for multi-label data):
+
+        loss = sum_s bce(stage_s) + smooth_weight * T-MSE(stage_s)
+        T-MSE = mean over real neighbouring frames and classes of
+                min(|log sigmoid(l_t) - log sigmoid(l_{t-1})|, smooth_clamp)^2,
+                the previous frame's value detached as in the paper's code.
+    """
+    mask, targets = _checked(output, targets, mask)
+    pairs = mask[:, 1:] & mask[:, :-1]
+    bce = smooth = output.logits.new_zeros(())
+    for logits in output.stage_logits:
+        bce = bce + masked_bce(logits, targets, mask)
+        if pairs.any():
+            log_p = F.logsigmoid(logits)
+            step = (log_p[:, 1:] - log_p[:, :-1].detach()).abs().clamp(max=smooth_clamp) ** 2
+            smooth = smooth + step[pairs].mean()
+    final_bce = masked_bce(output.logits, targets, mask)
+    return {"loss": bce + smooth_weight * smooth, "bce": final_bce, "stage_bce": bce, "smoothing": smooth}
+
+
+def action_heatmap(targets: torch.Tensor, mask: torch.Tensor, gamma: float = 0.5, tau: float = 4.0) -> torch.Tensor:
+    """MS-TCT's ground-truth heatmap (official charades_dataloader.make_dataset), from the labels.
+
+    Every run of consecutive positive frames of a class is one action instance of d frames, centred
+    at c = (first + last + 1) // 2; it contributes a Gaussian exp(-(t - c)^2 / sigma^2) over
+    |t - c| <= r, with r = int(d / gamma) and sigma = (2r + 1) / tau, exactly 1 at c; instances of
+    one class are combined by max. (The official code takes the instances from the annotations of
+    the whole video before cropping; here they come from the labels of the crop, so an action cut
+    by the crop is centred on its visible part.) Zero at padded frames.
+    targets (batch, time, classes) in {0, 1} -> heatmap of the same shape.
+    """
+    positive = (targets > 0.5) & mask.unsqueeze(-1)
+    heatmap = torch.zeros(targets.shape, dtype=torch.float32)
+    padded = F.pad(positive.transpose(1, 2).to(torch.int8), (1, 1)).cpu()  # (batch, classes, time + 2)
+    edges = padded[..., 1:] - padded[..., :-1]  # +1 at a run's first frame, -1 after its last
+    starts = (edges == 1).nonzero().tolist()
+    ends = (edges == -1).nonzero().tolist()  # same order: runs do not nest
+    time = torch.arange(targets.shape[1], dtype=torch.float32)
+    for (b, c, first), (_, _, end) in zip(starts, ends):
+        centre = (first + end) // 2
+        radius = int((end - first) / gamma)
+        sigma = (2 * radius + 1) / tau
+        near = (time - centre).abs() <= radius
+        gaussian = torch.exp(-((time - centre) ** 2) / sigma ** 2) * near
+        heatmap[b, :, c] = torch.maximum(heatmap[b, :, c], gaussian)
+    return heatmap.to(device=targets.device, dtype=targets.dtype) * mask.unsqueeze(-1)
+
+
+def heatmap_focal_loss(heatmap_logits: torch.Tensor, heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MS-TCT's (CenterNet-style) focal loss over the real frames, normalised by the number of
+    instance centres (frames where the heatmap is 1):
+
+        pos: -log(p) (1 - p)^2            where heatmap == 1
+        neg: -log(1 - p) p^2 (1 - h)^4    elsewhere,  p = clamp(sigmoid(logit), 1e-4, 1 - 1e-4)
+
+    (The official function pairs every sample's prediction with the targets of the whole batch;
+    here each sample is compared with its own heatmap.)"""
+    p = torch.sigmoid(heatmap_logits[mask]).clamp(1e-4, 1 - 1e-4)
+    h = heatmap[mask]
+    positive = h.eq(1).to(p.dtype)
+    pos_loss = (torch.log(p) * (1 - p) ** 2 * positive).sum()
+    neg_loss = (torch.log(1 - p) * p ** 2 * (1 - h) ** 4 * (1 - positive)).sum()
+    return -(pos_loss + neg_loss) / positive.sum().clamp(min=1)
+
+
+def _checked(output, targets, mask):
+    """The mask (from `output.mask` when None) and targets, validated against `output.logits`."""
+    logits = output.logits
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError("output.logits must be a (batch, time, classes) tensor")
+    if mask is None:
+        mask = getattr(output, "mask", None)
+    mask = _check_mask(mask, logits)
+    return mask, _check_targets(targets, logits, mask)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ms_temba import ops
 from ms_temba.mamba import BiMamba, RMSNorm
+from ms_temba.registry import register_model
 
 __all__ = [
     "MSTembaConfig",
@@ -373,3 +374,32 @@ def model_summary(model: MSTemba) -> str:
     lines = [f"MSTemba({model.config})"]
     lines += [f"{name:<{name_width}}  {count:>12,}" for name, count in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered variants (ms_temba.create_model)
+# ----------------------------------------------------------------------------------------------
+
+@register_model(MSTemba)
+def ms_temba() -> MSTembaConfig:
+    """MS-Temba as in the paper (I3D features, 157 Charades classes), with the TLMs."""
+    return MSTembaConfig()
+
+
+@register_model(MSTemba)
+def ms_temba_release() -> MSTembaConfig:
+    """Exactly the official release's architecture (no TLMs); loads its checkpoints 1:1."""
+    return MSTembaConfig(tlm=False)
+
+
+@register_model(MSTemba)
+def ms_temba_tiny() -> MSTembaConfig:
+    """A small MS-Temba for tests and smoke runs on CPU."""
+    return MSTembaConfig(in_dim=64, num_classes=8, widths=(32, 48, 64), d_state=8)
+
+
+@register_model(MSTemba)
+def ms_temba_small() -> MSTembaConfig:
+    """ms_temba_tiny at twice its widths: the CPU default of the pipeline (0.8 M parameters on
+    1024-d features)."""
+    return MSTembaConfig(in_dim=64, num_classes=8, widths=(64, 96, 128), d_state=8)

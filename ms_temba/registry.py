@@ -1,68 +1,78 @@
 """A timm-style model registry: named architectures, built by `create_model(name, **overrides)`.
 
-An entry is a function registered with `@register_model`; its name is the model's name, and it
-returns an `MSTemba` built from its own default `MSTembaConfig` with the caller's overrides.
+Each model file registers its variants beside the model, one function per variant that returns
+the variant's default config:
+
+    @register_model(MSTemba)
+    def ms_temba_tiny() -> MSTembaConfig:
+        return MSTembaConfig(in_dim=64, num_classes=8, widths=(32, 48, 64), d_state=8)
+
+`create_model("ms_temba_tiny", num_classes=65)` replaces fields of that config and builds the
+model; `model_config(name, **overrides)` validates the same without building any weights (the
+pipeline checks its parameters with it). A model's `config` attribute is the dataclass it was built
+from, so `create_model(name, **dataclasses.asdict(model.config))` rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from ms_temba.model import MSTemba, MSTembaConfig
+import torch.nn as nn
 
-__all__ = ["register_model", "create_model", "list_models"]
-
-_MODEL_ENTRYPOINTS: dict[str, Callable[..., MSTemba]] = {}
-_CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(MSTembaConfig))
+__all__ = ["register_model", "create_model", "model_config", "model_class", "list_models"]
 
 
-def register_model(entrypoint: Callable[..., MSTemba]) -> Callable[..., MSTemba]:
-    """Decorator: register `entrypoint(**overrides) -> MSTemba` under its function name."""
-    name = entrypoint.__name__
-    if name in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"a model named {name!r} is already registered")
-    _MODEL_ENTRYPOINTS[name] = entrypoint
-    return entrypoint
+class _Entry(NamedTuple):
+    model_class: type[nn.Module]
+    default_config: Callable[[], object]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(model_class: type[nn.Module]):
+    """Decorator factory: register `default_config() -> config` under the function's name, as a
+    variant of `model_class` (built as `model_class(config)`)."""
+    def register(default_config: Callable[[], object]):
+        name = default_config.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _REGISTRY[name] = _Entry(model_class, default_config)
+        return default_config
+    return register
 
 
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
-    return sorted(_MODEL_ENTRYPOINTS)
+    return sorted(_REGISTRY)
 
 
-def create_model(name: str = "ms_temba", **overrides) -> MSTemba:
-    """Build the registered model `name`, with `overrides` replacing MSTembaConfig fields
-    (e.g. in_dim=768 for CLIP features, num_classes=65 for MultiTHUMOS)."""
-    if name not in _MODEL_ENTRYPOINTS:
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _MODEL_ENTRYPOINTS[name](**overrides)
+    return _REGISTRY[name]
 
 
-def _build(defaults: MSTembaConfig, overrides: dict) -> MSTemba:
-    unknown = sorted(set(overrides) - set(_CONFIG_KEYS))
+def model_class(name: str) -> type[nn.Module]:
+    return _entry(name).model_class
+
+
+def model_config(name: str, **overrides):
+    """The config of model `name` with `overrides` replacing its fields; ValueError for an unknown
+    field (naming it and the valid ones) or a bad value (the config's own check)."""
+    defaults = _entry(name).default_config()
+    keys = [field.name for field in dataclasses.fields(defaults)]
+    unknown = sorted(set(overrides) - set(keys))
     if unknown:
         raise ValueError(
-            f"unknown MSTembaConfig key(s) {', '.join(map(repr, unknown))}; "
-            f"valid keys: {', '.join(_CONFIG_KEYS)}"
+            f"unknown {type(defaults).__name__} key(s) {', '.join(map(repr, unknown))}; "
+            f"valid keys: {', '.join(keys)}"
         )
-    return MSTemba(dataclasses.replace(defaults, **overrides))
+    return dataclasses.replace(defaults, **overrides)
 
 
-@register_model
-def ms_temba(**overrides) -> MSTemba:
-    """MS-Temba as in the paper (I3D features, 157 Charades classes), with the TLMs."""
-    return _build(MSTembaConfig(), overrides)
-
-
-@register_model
-def ms_temba_release(**overrides) -> MSTemba:
-    """Exactly the official release's architecture (no TLMs); loads its checkpoints 1:1."""
-    return _build(MSTembaConfig(tlm=False), overrides)
-
-
-@register_model
-def ms_temba_tiny(**overrides) -> MSTemba:
-    """A small MS-Temba for tests and smoke runs on CPU."""
-    tiny = MSTembaConfig(in_dim=64, num_classes=8, widths=(32, 48, 64), d_state=8)
-    return _build(tiny, overrides)
+def create_model(name: str = "ms_temba", **overrides) -> nn.Module:
+    """Build the registered model `name`, with `overrides` replacing fields of its config
+    (e.g. in_dim=768 for CLIP features, num_classes=65 for MultiTHUMOS)."""
+    return model_class(name)(model_config(name, **overrides))

@@ -44,6 +44,7 @@ class ConfigError(ValueError):
 TIME_UNITS = ("seconds", "frames")
 FEATURE_SOURCES = ("videos", "npy")
 DEVICES = ("auto", "cpu", "cuda")
+SEGMENT_RULES = ("hysteresis", "sweep")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class DatasetParams:
 @dataclass(frozen=True)
 class ModelParams:
     name: str  # a model of ms_temba.create_model
-    overrides: dict = field(default_factory=dict)  # MSTembaConfig fields
+    overrides: dict = field(default_factory=dict)  # fields of that model's config dataclass
 
     # Set by the pipeline from the data, so they must not be overridden by hand.
     FROM_DATA: typing.ClassVar[tuple[str, ...]] = ("in_dim", "num_classes")
@@ -94,21 +95,23 @@ class ModelParams:
         import ms_temba
 
         _require_choice("model.name", self.name, tuple(ms_temba.list_models()))
-        known = [f.name for f in dataclasses.fields(ms_temba.MSTembaConfig) if f.name not in self.FROM_DATA]
+        defaults = ms_temba.model_config(self.name)
+        config_name = type(defaults).__name__
+        known = [f.name for f in dataclasses.fields(defaults) if f.name not in self.FROM_DATA]
         for key in self.overrides:
             if key in self.FROM_DATA:
                 raise ConfigError(f"model.overrides.{key}", "is set from the data (feature dim / dataset.num_classes); remove it")
             if key not in known:
-                raise ConfigError(f"model.overrides.{key}", f"unknown MSTembaConfig field; known: {', '.join(known)}")
+                raise ConfigError(f"model.overrides.{key}", f"unknown {config_name} field; known: {', '.join(known)}")
         widths = self.overrides.get("widths")
         if widths is not None:
             _require(isinstance(widths, (list, tuple)) and len(widths) > 0, "model.overrides.widths",
                      f"must be a non-empty list of block widths (K = len(widths) >= 1), got {widths!r}")
-        try:  # MSTembaConfig checks every value (positive ints, ...); name the key it complains about
-            ms_temba.MSTembaConfig(**self.overrides)
+        try:  # the config checks every value (positive ints, ...); name the key it complains about
+            ms_temba.model_config(self.name, **self.overrides)
         except (TypeError, ValueError) as error:
-            message = str(error)  # "MSTembaConfig.<field> must be ..." names the field
-            field_name = message.split()[0].removeprefix("MSTembaConfig.") if message.startswith("MSTembaConfig.") else ""
+            message = str(error)  # "<Config>.<field> must be ..." names the field
+            field_name = message.split()[0].removeprefix(f"{config_name}.") if message.startswith(f"{config_name}.") else ""
             key = f"model.overrides.{field_name}" if field_name in self.overrides else "model.overrides"
             raise ConfigError(key, message) from error
 
@@ -151,8 +154,32 @@ class EvalParams:
     sampled_frames: int = 25
     action_offsets: list[int] = field(default_factory=lambda: [0, 20, 40])
     threshold: float = 0.5
+    # Segment-level detection mAP (ms_temba.metrics.DetectionMAP) of the segments extracted from
+    # the probabilities by `segment_rule`: "hysteresis" (predict's rule) or "sweep" (several
+    # thresholds merged by per-class NMS, ms_temba.segments.sweep_segments).
+    detection_tiou: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    segment_rule: str = "sweep"
+    threshold_on: float = 0.5
+    threshold_off: float = 0.35
+    sweep_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    nms_tiou: float = 0.7
+    min_duration_s: float = 0.5
+    merge_gap_s: float = 0.5
+    viewer_videos: int | None = None  # HTML viewer pages written (the first N test videos); null = all
 
     def check(self) -> None:
+        _require(len(self.detection_tiou) > 0 and all(0 < t <= 1 for t in self.detection_tiou), "eval.detection_tiou",
+                 f"must be a non-empty list of tIoU thresholds in (0, 1], got {self.detection_tiou}")
+        _require_choice("eval.segment_rule", self.segment_rule, SEGMENT_RULES)
+        _require(0 <= self.threshold_off <= self.threshold_on <= 1, "eval.threshold_off",
+                 f"must satisfy 0 <= threshold_off <= threshold_on <= 1, got {self.threshold_off} and {self.threshold_on}")
+        _require(len(self.sweep_thresholds) > 0 and all(0 <= t <= 1 for t in self.sweep_thresholds),
+                 "eval.sweep_thresholds", f"must be a non-empty list of numbers in [0, 1], got {self.sweep_thresholds}")
+        _require(0 <= self.nms_tiou <= 1, "eval.nms_tiou", f"must be in [0, 1], got {self.nms_tiou}")
+        for key in ("min_duration_s", "merge_gap_s"):
+            _require(getattr(self, key) >= 0, f"eval.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.viewer_videos is not None:
+            _require(self.viewer_videos >= 0, "eval.viewer_videos", f"must be >= 0 or null, got {self.viewer_videos}")
         _require(self.num_timelines >= 0, "eval.num_timelines", f"must be >= 0, got {self.num_timelines}")
         _require(self.sampled_frames > 0, "eval.sampled_frames", f"must be > 0, got {self.sampled_frames}")
         _require(len(self.action_offsets) > 0 and all(o >= 0 for o in self.action_offsets), "eval.action_offsets",

@@ -106,7 +106,7 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
 
     frame_map, sampled_map = FrameMAP(num_classes), SampledFrameMAP(num_classes, params.eval.sampled_frames)
     conditional = ActionConditionalMetrics(num_classes, params.eval.action_offsets, params.eval.threshold)
-    block_maps = [FrameMAP(num_classes) for _ in model.config.widths]
+    block_maps = []  # one per auxiliary head of the model (MS-Temba's blocks), made on the first video
     predictions, probabilities_of, inference_s = [], {}, 0.0
     with torch.no_grad():
         model(torch.from_numpy(sequences[0].features[:8])[None].to(device))  # warm-up, not timed
@@ -117,7 +117,9 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
             inference_s += time.perf_counter() - started
             for metric in (frame_map, sampled_map, conditional):
                 metric.update(probabilities, sequence.labels)
-            for metric, block_logits in zip(block_maps, output.block_logits):
+            block_outputs = getattr(output, "block_logits", ())
+            block_maps = block_maps or [FrameMAP(num_classes) for _ in block_outputs]
+            for metric, block_logits in zip(block_maps, block_outputs):
                 metric.update(torch.sigmoid(block_logits[0]).float().cpu().numpy(), sequence.labels)
             probabilities_of[sequence.video_id] = probabilities
             predictions.append(pa.table({

@@ -125,7 +125,7 @@ def restore_rng_states(states: dict) -> None:
 def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | Path, checkpoint_dir: str | Path,
           out_path: str | Path, log_path: str | Path, log=None) -> ModelBundle:
     import ms_temba
-    from ms_temba.losses import ms_temba_loss
+    from ms_temba.losses import model_loss
     from extractors.shards import FeatureStore
 
     log = log or setup_logging("train")
@@ -179,8 +179,8 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
                           leave=False):
             output = model(batch.features.to(device), batch.mask.to(device))
-            losses = ms_temba_loss(output, batch.labels.to(device), batch.mask.to(device),
-                                   beta=recipe.beta, alpha=recipe.alpha)
+            losses = model_loss(output, batch.labels.to(device), batch.mask.to(device),
+                                beta=recipe.beta, alpha=recipe.alpha)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if recipe.max_grad_norm is not None:

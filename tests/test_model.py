@@ -461,7 +461,7 @@ def test_registry():
     with pytest.raises(ValueError, match="num_clases"):
         ms_temba.create_model("ms_temba_tiny", num_clases=3)
     with pytest.raises(ValueError, match="already registered"):
-        ms_temba.register_model(ms_temba.registry.ms_temba_tiny)
+        ms_temba.register_model(ms_temba.MSTemba)(ms_temba.model.ms_temba_tiny)
 
 
 def test_model_summary_counts():
