@@ -8,6 +8,8 @@
                                              per-frame probabilities and action segments (docs/predict.md)
     ms-temba convert-release SRC DST         official MS-Temba release checkpoint -> a model file
     ms-temba export-mstct SOURCE --out DIR   predictions in MS-TCT's {video: (classes, T)} layout
+    ms-temba export PREDICT_DIR --out DIR    segments as ActivityNet results JSON + CSV (pipelines/detections.py)
+    ms-temba score --pred R.json --gt G.json detection mAP at tIoU 0.1..0.9 of any ActivityNet results file
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ DELEGATED = {
     "convert-release": ("pipelines.export", "convert_release_main",
                         "convert an official MS-Temba release checkpoint"),
     "export-mstct": ("pipelines.export", "export_main", "export predictions in MS-TCT's layout"),
+    "export": ("pipelines.detections", "export_main",
+               "export predicted segments as ActivityNet results JSON and CSV"),
+    "score": ("pipelines.detections", "score_main",
+              "detection mAP of ActivityNet results JSON against ActivityNet ground truth"),
 }
 
 

@@ -11,8 +11,15 @@ paper's evaluation. Outputs:
                                  per-block mAP, action-conditional metrics, counts, parameter count,
                                  inference throughput (features/s)
     reports/predictions.parquet  video_id, index, probabilities (one row per feature)
-    reports/per_class_ap.csv     class, ap (percent) for the bar plot of dvc.yaml
+    reports/per_class_ap.csv     class, ap, detection_ap (percent) for the bar plot of dvc.yaml
     reports/timelines/*.png      ground truth vs predicted probabilities of a few test videos
+    reports/detection_ap.csv     tiou, map: segment-level detection mAP (percent) per tIoU threshold
+    reports/detections/          results.json / results.csv (ActivityNet results) and ground_truth.json
+    reports/viewer/              the interactive HTML viewer: index.html and one page per test video
+
+Detection mAP (`detection_map`, `detection_map_at` in metrics.json; `detection_metrics`) is computed
+from the per-video probabilities only, so it is the same for every model: segments by the eval
+settings (pipelines.detections), ground truth = the manifest's clean action instances.
 """
 from __future__ import annotations
 
@@ -85,8 +92,62 @@ def draw_timeline(path: Path, sequence: Sequence, probabilities: np.ndarray, cla
         plt.close(figure)
 
 
+def ground_truth_actions(row: dict) -> list[tuple[int, float, float]]:
+    """The ground-truth action instances of a manifest row: (class, start_s, end_s) of its clean
+    actions, as annotated (not the per-feature label runs, which are quantised to the feature grid
+    and fuse overlapping or touching instances of a class)."""
+    return [(int(c), float(s), float(e)) for c, s, e in zip(row["action_class"], row["action_start_s"],
+                                                             row["action_end_s"])]
+
+
+def detection_metrics(eval_params, videos, num_classes: int) -> dict:
+    """Segment-level detection mAP of the test videos, from per-frame probabilities alone (any model).
+
+    videos: (video_id, probabilities (T, classes), start_s (T,), end_s (T,), ground truth
+    [(class, start_s, end_s), ...]) per video. Segments come from the probabilities by the eval
+    settings (`eval.segment_rule` ...; pipelines.detections.segments_of_eval_params).
+
+    Returns {"result": DetectionMAP.compute() of all videos, "segments": {video_id: [Segment]},
+    "ground_truth": {video_id: [...]}, "per_video": {video_id: detection mAP of that video alone
+    (NaN if it has no instance)}}.
+    """
+    from ms_temba.metrics import DetectionMAP
+    from pipelines.detections import segments_of_eval_params
+
+    overall = DetectionMAP(num_classes, eval_params.detection_tiou)
+    segments_of, ground_truth_of, per_video = {}, {}, {}
+    for video_id, probabilities, start_s, end_s, ground_truth in videos:
+        segments = segments_of_eval_params(eval_params, probabilities, start_s, end_s)
+        overall.update(segments, ground_truth, video_id=video_id)
+        alone = DetectionMAP(num_classes, eval_params.detection_tiou)
+        alone.update(segments, ground_truth, video_id=video_id)
+        per_video[video_id] = alone.compute()["map"]
+        segments_of[video_id], ground_truth_of[video_id] = segments, list(ground_truth)
+    return {"result": overall.compute(), "segments": segments_of, "ground_truth": ground_truth_of,
+            "per_video": per_video}
+
+
+def write_detection_reports(detection: dict, class_names: list[str], subset: str, detection_ap_path=None,
+                            detections_dir=None) -> None:
+    """reports/detection_ap.csv (tiou, map: the AP-vs-tIoU plot) and reports/detections/
+    (results.json + results.csv in the ActivityNet results format, ground_truth.json in its
+    database format: `ms-temba score --pred ... --gt ...` reproduces metrics.json's detection_map)."""
+    from pipelines.detections import ground_truth_document, write_results
+
+    result = detection["result"]
+    if detection_ap_path is not None:
+        lines = ["tiou,map"] + [f"{t:g},{'' if math.isnan(v) else round(100.0 * v, 4)}"
+                                for t, v in result["map_at"].items()]
+        write_text(detection_ap_path, "\n".join(lines) + "\n")
+    if detections_dir is not None:
+        write_results(detections_dir, detection["segments"], class_names)
+        write_json(Path(detections_dir) / "ground_truth.json",
+                    ground_truth_document(detection["ground_truth"], class_names, subset))
+
+
 def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predictions_path, per_class_path,
-             timelines_dir, log=None) -> dict:
+             timelines_dir, log=None, detection_ap_path=None,
+             detections_dir=None, viewer_dir=None) -> dict:
     from extractors.shards import FeatureStore
     from ms_temba.metrics import ActionConditionalMetrics, FrameMAP, SampledFrameMAP, chance_map
 
@@ -128,12 +189,24 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
                 "probabilities": list(probabilities.astype(np.float32))}, schema=PREDICTIONS_SCHEMA))
 
     overall = frame_map.compute()
+    row_of = {row["video_id"]: row for row in rows}
+    times_of = {}  # feature times of each test video: segments are in seconds
+    for s in sequences:
+        video = store.get(s.video_id)
+        times_of[s.video_id] = (video.start_s, video.end_s)
+    detection = detection_metrics(params.eval, [
+        (s.video_id, probabilities_of[s.video_id], *times_of[s.video_id], ground_truth_actions(row_of[s.video_id]))
+        for s in sequences], num_classes)
     all_labels = np.concatenate([s.labels for s in sequences])
     num_features = len(all_labels)
     metrics = {
         "map": percent(overall["map"]),
         "map_sampled25": percent(sampled_map.compute()["map"]),
         "chance_map": percent(chance_map(all_labels)),
+        "detection_map": percent(detection["result"]["map"]),  # segments, mean over eval.detection_tiou
+        "detection_map_at": {f"{t:g}": percent(v) for t, v in detection["result"]["map_at"].items()},
+        "detection_segments": {"predicted": detection["result"]["num_detections"],
+                               "ground_truth": detection["result"]["num_instances"]},
         "map_per_block": {f"block{k + 1}": percent(m.compute()["map"]) for k, m in enumerate(block_maps)},
         "action_conditional": {
             offset: {key: (percent(value) if key != "num_pairs" else int(value)) for key, value in result.items()}
@@ -151,10 +224,21 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["class", "ap"])
-    for name, ap in zip(bundle.class_names, overall["ap"]):
-        writer.writerow([name, "" if math.isnan(ap) else round(100.0 * float(ap), 4)])
+    writer.writerow(["class", "ap", "detection_ap"])  # per-frame AP, detection AP (mean over the tIoUs)
+    for name, ap, detection_ap in zip(bundle.class_names, overall["ap"], detection["result"]["class_ap"]):
+        writer.writerow([name] + ["" if math.isnan(v) else round(100.0 * float(v), 4) for v in (ap, detection_ap)])
     write_text(per_class_path, buffer.getvalue())
+    write_detection_reports(detection, bundle.class_names, params.dataset.test_subset, detection_ap_path,
+                            detections_dir)
+    if viewer_dir is not None:
+        from pipelines.viewer import write_evaluate_viewer
+
+        shown = sequences if params.eval.viewer_videos is None else sequences[:params.eval.viewer_videos]
+        write_evaluate_viewer(viewer_dir, [
+            {"video_id": s.video_id, "probabilities": probabilities_of[s.video_id], "start_s": times_of[s.video_id][0],
+             "end_s": times_of[s.video_id][1], "segments": detection["segments"][s.video_id],
+             "ground_truth": detection["ground_truth"][s.video_id], "labels": s.labels,
+             "detection_map": detection["per_video"][s.video_id]} for s in shown], bundle.class_names)
 
     # The timelines directory is replaced as a whole, so no stale image of an earlier run survives.
     timelines_dir = Path(timelines_dir)
@@ -172,6 +256,8 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
     log.info("test mAP %.2f%% (sampled-%d %.2f%%), chance %.2f%%, on %d videos / %d features",
              metrics["map"], params.eval.sampled_frames, metrics["map_sampled25"], metrics["chance_map"],
              len(sequences), num_features)
+    log.info("detection mAP %s%% (tIoU %s; %s)", metrics["detection_map"], ", ".join(metrics["detection_map_at"]),
+             ", ".join(f"{t}: {v}" for t, v in metrics["detection_map_at"].items()))
     return metrics
 
 
@@ -185,9 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--per-class", required=True)
     parser.add_argument("--timelines", required=True)
+    parser.add_argument("--detection-ap", help="CSV of detection mAP vs tIoU (reports/detection_ap.csv)")
+    parser.add_argument("--detections", help="directory for the ActivityNet results / ground truth JSON")
+    parser.add_argument("--viewer", help="directory for the HTML viewer (one page per video + index.html)")
     args = parser.parse_args(argv)
     evaluate(load_params(args.params), args.model, args.manifest, args.shards, args.metrics, args.predictions,
-             args.per_class, args.timelines)
+             args.per_class, args.timelines, detection_ap_path=args.detection_ap, detections_dir=args.detections,
+             viewer_dir=args.viewer)
 
 
 if __name__ == "__main__":
