@@ -40,7 +40,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from extractors.config import ExtractorConfig
-from extractors.shards import FeatureStore, VideoFeatures, iter_shard, metadata_mismatch, write_failures, write_shard
+from extractors.shards import (FeatureStore, VideoFeatures, iter_shard, metadata_mismatch, remove_stale_temporaries,
+                               write_failures, write_shard)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 # A worker process that dies is restarted this often; the video it was working on is retried once.
@@ -167,6 +168,7 @@ def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig
     paths = {video_id: os.fspath(path) for video_id, path in videos.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # a killed run's half-written shard or failures file
 
     store = FeatureStore(out_dir)
     skipped = sum(video_id in store for video_id in paths)

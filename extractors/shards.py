@@ -185,6 +185,20 @@ def read_failures(shards_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`.<name>.<random>.tmp`) a killed writer left in `directory`.
+
+    Call it only from the one process that writes the directory (a stage run, an import), before
+    it writes anything: another writer's files in progress look the same. Returns what it removed.
+    """
+    removed = []
+    for path in Path(directory).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def write_failures(shards_dir: str | os.PathLike, failures: Iterable[Mapping[str, Any]]) -> None:
     """Replace failures.jsonl atomically (one JSON object per line: video_id, path, error_type, message)."""
     shards_dir = Path(shards_dir)

@@ -9,6 +9,7 @@ it for the same settings.
 
 import ctypes
 import os
+import sys
 
 # Idle OpenMP threads sleep instead of spinning. With the default (active) waiting, a spinning idle
 # thread takes the core from the one doing the work whenever anything else runs on the machine
@@ -38,3 +39,31 @@ def _keep_large_allocations_on_the_heap() -> None:
 
 
 _keep_large_allocations_on_the_heap()
+
+
+def _report_user_errors(kind, error, traceback) -> None:
+    """sys.excepthook of every process that imports the pipelines (the stages, `ms-temba`): an
+    error of the user's making (a bad parameter, an unusable annotation file, an empty manifest,
+    a device the machine lacks; marked by a true `user_error` class attribute, or a
+    FileNotFoundError raised with our own message) is one line on stderr and exit status 2, not
+    a traceback. Anything else goes to the default hook (a traceback: a bug to report)."""
+    ours = getattr(error, "user_error", False) or (isinstance(error, FileNotFoundError) and error.errno is None)
+    if not ours:
+        _default_excepthook(kind, error, traceback)
+        return
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program.endswith(".py"):  # `python -m pipelines.train` runs .../pipelines/train.py
+        program = f"{os.path.basename(os.path.dirname(sys.argv[0]))}.{program[:-3]}"
+    sys.stderr.write(f"{program}: error: {error}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    import atexit
+
+    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # what a normal exit runs (CPython)
+    if run_exit_functions is not None:
+        run_exit_functions()
+    os._exit(2)  # an excepthook cannot choose the exit status otherwise
+
+
+_default_excepthook = sys.excepthook
+sys.excepthook = _report_user_errors

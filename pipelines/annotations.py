@@ -14,6 +14,8 @@ entry is repaired or left out:
     malformed_action     action  not [class, start, end] numbers: action dropped
     class_out_of_range   action  class not an integer in [0, num_classes): action dropped
     end_before_start     action  end < start: action dropped
+    outside_video        action  entirely outside [0, duration] (ends at or before 0, or starts at or
+                                 after the duration): action dropped
     start_before_zero    action  start < 0: clipped to 0
     end_after_duration   action  end > the annotated duration: clipped to the duration
 
@@ -38,6 +40,8 @@ MAX_EXAMPLES_PER_REASON = 5
 
 class AnnotationFileError(ValueError):
     """The annotation file as a whole is unusable (missing, not JSON, not a mapping of videos)."""
+
+    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
 
 
 @dataclass
@@ -83,7 +87,8 @@ def read_annotations(path: str | Path) -> dict[str, Any]:
         with open(path) as stream:
             raw = json.load(stream)
     except json.JSONDecodeError as error:
-        raise AnnotationFileError(f"annotation file {path} is not valid JSON: {error}") from error
+        raise AnnotationFileError(f"annotation file {path} (dataset.annotations) is not valid JSON: {error.msg} at "
+                                  f"line {error.lineno}, column {error.colno}") from None
     if not isinstance(raw, dict):
         raise AnnotationFileError(f"annotation file {path} must map video ids to entries, got {type(raw).__name__}")
     return raw
@@ -118,6 +123,11 @@ def clean_video(video_id: str, entry: Any, num_classes: int, issues: IssueLog) -
             continue
         if end < start:
             issues.add("end_before_start", video_id, f"end {end} < start {start}")
+            continue
+        # Checked before clipping: clipping an action that lies wholly outside the video would
+        # turn it into an inverted or empty interval at one end.
+        if end <= 0 or start >= duration:
+            issues.add("outside_video", video_id, f"[{start}, {end}] lies outside the video [0, {duration}]")
             continue
         if start < 0:
             issues.add("start_before_zero", video_id, f"start {start} < 0, clipped to 0")

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -29,12 +29,16 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 
 
 class ConfigError(ValueError):
-    """A bad parameter; `.key` is its dotted path in params.yaml (e.g. "train.lr")."""
+    """A bad parameter; `.key` is its dotted path in params.yaml (e.g. "train.lr"), `.source` the
+    file it came from when known (the message then starts with it)."""
 
-    def __init__(self, key: str, problem: str):
+    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+
+    def __init__(self, key: str, problem: str, source: str | None = None):
         self.key = key
         self.problem = problem
-        super().__init__(f"{key}: {problem}")
+        self.source = source
+        super().__init__(": ".join(part for part in (source, key, problem) if part))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,9 +214,19 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> PipelineParams:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: compose it with `ms-temba compose > {path}` "
                                 f"(or `dvc exp run`), see docs/pipeline.md")
-    with open(path) as stream:
-        values = yaml.safe_load(stream)
-    return parse_params(values)
+    try:
+        with open(path) as stream:
+            values = yaml.safe_load(stream)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError("", f"not valid YAML at {where} ({problem}); fix the file or recompose it "
+                                    f"with `ms-temba compose > {path}`", source=str(path)) from None
+    try:
+        return parse_params(values)
+    except ConfigError as error:
+        raise ConfigError(error.key, error.problem, source=str(path)) from None
 
 
 def parse_params(values: Any) -> PipelineParams:
@@ -247,10 +261,66 @@ def compose_params_yaml(overrides: list[str] = (), conf_dir: str | Path = CONF_D
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    OmegaConf.resolve(cfg)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf_dir = Path(conf_dir).resolve()
+    try:
+        with initialize_config_dir(str(conf_dir), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise _composition_error(error, list(overrides), conf_dir) from None
     return OmegaConf.to_yaml(cfg)
+
+
+def _composition_error(error: Exception, overrides: list[str], conf_dir: Path) -> ConfigError:
+    """A one-line ConfigError for what Hydra / OmegaConf raised while composing."""
+    import re
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    message = str(error).strip()
+    if isinstance(error, MissingConfigException):  # `dataset=nope`: no conf/dataset/nope.yaml
+        found = re.search(r"Could not find '([^']+)'", message)
+        missing = found.group(1) if found else (error.missing_cfg_file or "?")
+        group, _, option = missing.rpartition("/")
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml")) if group else []
+        if options:
+            return ConfigError(f"{group}={option}", f"there is no {conf_dir.name}/{missing}.yaml; choose one of "
+                                                    f"{', '.join(options)}")
+        return ConfigError(missing, message.splitlines()[0])
+    if isinstance(error, OverrideParseException):
+        return ConfigError(message.splitlines()[0].removeprefix("Error parsing override ").strip("'"),
+                           "not an override of the form key=value (or +key=value, group=option)")
+    found = re.search(r"Could not override '([^']+)'", message)
+    if found:  # `train.lrr=1e-3`: a key the composed configuration does not have
+        key = found.group(1)
+        return ConfigError(key, f"unknown key{_did_you_mean(key, _composed_keys(conf_dir))}; to add a new key "
+                                f"write +{key}=...")
+    return ConfigError("compose", message.splitlines()[0])
+
+
+def _composed_keys(conf_dir: Path) -> list[str]:
+    """Every dotted key of the default composition (for suggestions)."""
+    def walk(value: Any, prefix: str) -> list[str]:
+        if isinstance(value, Mapping):
+            return [key for name, item in value.items() for key in [f"{prefix}{name}", *walk(item, f"{prefix}{name}.")]]
+        return []
+    try:
+        return walk(compose_params([], conf_dir), "")
+    except ConfigError:
+        return []
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    """'; did you mean train.lr?' for the closest known keys, or ''."""
+    import difflib
+
+    prefix, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == prefix}
+    close = difflib.get_close_matches(name, list(siblings), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(siblings[c] for c in close)}?" if close else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +339,27 @@ def _require_choice(key: str, value: Any, choices: tuple) -> None:
 def _reject_unknown(values: Mapping, known: set[str], prefix: str) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+        key = f"{prefix}{unknown[0]}"
+        hint = _did_you_mean(key, [f"{prefix}{k}" for k in known])
+        raise ConfigError(key, f"unknown key{hint} (known: {', '.join(sorted(known))})")
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` and `5E-4`, without a dot, as strings; a user writing them means a number.
+_NUMBER = __import__("re").compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _as_number(value: Any, annotation: Any) -> Any:
+    """`value` converted to float where the field is a float (or a list of floats) and the value a
+    string spelling a number; anything else unchanged (and checked by _check_type)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        annotation = next((a for a in args if a is not type(None)), annotation)
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if origin is list and args and isinstance(value, list):
+        return [_as_number(item, args[0]) for item in value]
+    return value
 
 
 def _build(cls, values: Any, section: str):
@@ -279,6 +369,7 @@ def _build(cls, values: Any, section: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(values, set(fields), prefix=f"{section}.")
     hints = typing.get_type_hints(cls)
+    values = {name: _as_number(value, hints[name]) for name, value in values.items()}
     for name, spec in fields.items():
         key = f"{section}.{name}"
         if name not in values:
@@ -325,6 +416,8 @@ def _build_extractor(values: Any) -> ExtractorConfig:
         raise ConfigError("extractor", f"must be a mapping, got {values!r}")
     known = {f.name for f in dataclasses.fields(ExtractorConfig)}
     _reject_unknown(values, known, prefix="extractor.")
+    hints = typing.get_type_hints(ExtractorConfig)
+    values = {name: _as_number(value, hints[name]) for name, value in values.items()}
     try:
         return ExtractorConfig.from_dict(values)
     except (TypeError, ValueError) as error:

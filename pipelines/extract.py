@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipelines.config import PipelineParams, load_params
 from pipelines.io import setup_logging, write_json
-from pipelines.manifest import read_manifest, usable_videos
+from pipelines.manifest import ManifestError, read_manifest, usable_videos
 
 STAMP_FILE = "extraction.json"
 
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     rows = usable_videos(read_manifest(args.manifest))
+    if not rows:
+        raise ManifestError(f"{args.manifest} has no usable video: nothing to extract (rerun the manifest stage "
+                            f"and see its report)")
     out_dir = Path(args.out)
     prepare_output(out_dir, extraction_settings(params), log)
     log.info("%d usable videos in the manifest", len(rows))

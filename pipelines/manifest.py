@@ -58,6 +58,25 @@ def list_files(directory: str | Path, suffixes: tuple[str, ...]) -> dict[str, Pa
             if path.is_file() and path.suffix.lower() in suffixes}
 
 
+class ManifestError(ValueError):
+    """The dataset has no usable video of a subset the later stages need."""
+
+    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+
+
+def require_usable(report: dict, dataset: DatasetParams, report_path: str | Path | None = None) -> None:
+    """Raise ManifestError unless the training and the test subset each have a usable video."""
+    videos = report["videos"]
+    missing = [subset for subset in (dataset.train_subset, dataset.test_subset) if not videos.get(f"usable_{subset}")]
+    if missing:
+        counts = ", ".join(f"{reason} {count}" for reason, count in report["counts"].items()) or "no entries at all"
+        where = f"; see {report_path}" if report_path else ""
+        raise ManifestError(
+            f"no usable {' or '.join(repr(s) for s in missing)} video in {dataset.annotations} and "
+            f"{dataset.video_dir} ({videos['usable']} of {videos['rows']} usable; {counts}){where}. "
+            f"Check dataset.annotations, dataset.video_dir and dataset.train_subset / test_subset")
+
+
 @dataclass
 class Manifest:
     table: pa.Table
@@ -159,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     manifest = build_manifest(params.dataset)
     report = manifest.report()
-    write_parquet(args.out, manifest.table)
     write_json(args.report, report)
+    require_usable(report, params.dataset, args.report)  # before the manifest: later stages would fail
+    write_parquet(args.out, manifest.table)
     log.info("%d videos usable of %d rows; left out or repaired: %s", report["videos"]["usable"],
              report["videos"]["rows"], report["counts"] or "nothing")
 

@@ -98,7 +98,10 @@ def test_frame_annotations_use_the_probed_rate(tmp_path, videos):
     source, generated = videos
     video_id = sorted(generated)[0]
     frames, rate = pyav_frames_and_rate(source / "videos" / f"{video_id}.mp4")
-    annotations = {video_id: {"subset": "training", "duration": frames, "actions": [[1, 8, 16]]}}
+    other = sorted(generated)[1]  # the manifest needs a usable test video too
+    other_frames, _ = pyav_frames_and_rate(source / "videos" / f"{other}.mp4")
+    annotations = {video_id: {"subset": "training", "duration": frames, "actions": [[1, 8, 16]]},
+                   other: {"subset": "testing", "duration": other_frames, "actions": []}}
     (tmp_path / "annotations.json").write_text(json.dumps(annotations))
     params = write_params(tmp_path / "params.yaml", video_dir=str(source / "videos"),
                           annotations=str(tmp_path / "annotations.json"), time_unit="frames")

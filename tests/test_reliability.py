@@ -1,0 +1,274 @@
+"""Bad inputs and faults (issue 17, docs/reliability.md): each one a one-line error, a counted
+skip, or a command that resumes. Real files throughout: .npy files, Parquet shards, decord
+videos, subprocesses killed with SIGKILL."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from extractors.shards import FeatureStore, VideoFeatures, write_shard
+from pipelines.annotations import IssueLog, clean_video
+from pipelines.config import PROJECT_ROOT, ConfigError, compose_params, load_params
+from pipelines.import_npy import NpyImportError, import_npy, load_npy_features
+
+PYTHON = sys.executable
+
+
+def run(args, cwd=PROJECT_ROOT, timeout=300, **env):
+    return subprocess.run([PYTHON, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env})
+
+
+def error_lines(done) -> list[str]:
+    """stderr without progress bars and log lines."""
+    return [line for line in done.stderr.splitlines() if line.strip() and "[" not in line[:12] and "it/s]" not in line
+            and "video/s]" not in line]
+
+
+def assert_one_line_error(done, *needles):
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = error_lines(done)
+    assert 1 <= len(lines) <= 2, lines
+    for needle in needles:
+        assert needle in done.stderr, (needle, done.stderr)
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def temporaries(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. actions outside their video
+# ----------------------------------------------------------------------------------------------
+
+def test_actions_outside_the_video_are_dropped_and_counted():
+    issues = IssueLog()
+    entry = {"subset": "training", "duration": 10.0,
+             "actions": [[0, 20.0, 30.0], [1, -3.0, -1.0], [2, -1.0, 3.0], [3, 9.0, 12.0], [4, 10.0, 11.0]]}
+    clean = clean_video("v", entry, 5, issues)
+    assert clean.classes.tolist() == [2, 3]
+    assert clean.starts.tolist() == [0.0, 9.0] and clean.ends.tolist() == [3.0, 10.0]
+    assert (clean.ends >= clean.starts).all()
+    assert issues.counts == {"outside_video": 3, "start_before_zero": 1, "end_after_duration": 1}
+    assert "outside the video" in issues.examples["outside_video"][0]["detail"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2, 5. unreadable .npy files, values float32 cannot hold, complex arrays
+# ----------------------------------------------------------------------------------------------
+
+def write_bad_npy_files(src: Path) -> dict[str, str]:
+    """Bad files of every kind, with a word of the message each must give."""
+    (src / "empty.npy").write_bytes(b"")
+    (src / "text.npy").write_text("not an array at all\n")
+    np.save(src / "strings.npy", np.array([["a", "b"], ["c", "d"]]))
+    np.save(src / "huge.npy", np.full((3, 4), 1e300))
+    np.save(src / "complex.npy", np.ones((3, 4), dtype=np.complex64))
+    np.save(src / "nan.npy", np.array([[np.nan] * 4] * 3))
+    np.save(src / "wrongdim.npy", np.ones((3, 7), dtype=np.float32))
+    np.savez(src / "archive.npy", a=np.ones(3))  # an .npz under a .npy name
+    os.replace(src / "archive.npy.npz", src / "archive.npy")
+    return {"empty": "EOFError", "text": "not a readable .npy", "strings": "real numbers", "huge": "float32's range",
+            "complex": "imaginary", "nan": "NaN", "wrongdim": "differs", "archive": "npz"}
+
+
+def test_every_bad_npy_file_is_a_listed_failure_and_the_good_ones_are_imported(tmp_path):
+    src = tmp_path / "npy"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    good = {f"good{i}": rng.standard_normal((5 + i, 4)) for i in range(3)}
+    for video_id, array in good.items():
+        np.save(src / f"{video_id}.npy", array)
+    expected = write_bad_npy_files(src)
+    done = run(["-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(tmp_path / "shards"),
+                "--hop-s", "0.5", "--videos-per-shard", "2"])
+    assert done.returncode == 0, done.stderr
+    assert "imported 3 videos" in done.stdout and f"{len(expected)} failed" in done.stdout
+    store = FeatureStore(tmp_path / "shards")
+    assert store.video_ids == sorted(good)
+    for video_id, array in good.items():
+        np.testing.assert_array_equal(store.get(video_id).features, array.astype(np.float32))
+    failures = {f["video_id"]: f["message"] for f in store.failures}
+    assert set(failures) == set(expected)
+    for video_id, word in expected.items():
+        assert word in failures[video_id], (video_id, failures[video_id])
+    # float64 values float32 can hold are fine; the check is on the cast values
+    np.save(src / "fine.npy", np.full((2, 4), 3e38))
+    assert np.isfinite(load_npy_features(src / "fine.npy")).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3, 10. re-importing, and resuming a killed import
+# ----------------------------------------------------------------------------------------------
+
+def make_npy_folder(src: Path, count: int, length: int = 6, dim: int = 4, seed: int = 0) -> None:
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        np.save(src / f"v{i:03d}.npy", rng.standard_normal((length, dim)).astype(np.float32))
+
+
+def test_reimporting_into_one_folder_replaces_the_store(tmp_path):
+    src, out = tmp_path / "npy", tmp_path / "shards"
+    make_npy_folder(src, 5)
+    assert import_npy(src, out, hop_s=0.5, videos_per_shard=1, show_progress=False)[0] == 5
+    # Another grouping: shards of the old grouping must not hold the videos a second time.
+    assert import_npy(src, out, hop_s=0.5, videos_per_shard=3, show_progress=False)[0] == 5
+    store = FeatureStore(out)
+    assert store.video_ids == [f"v{i:03d}" for i in range(5)] and len(list(out.glob("*.parquet"))) == 2
+    # Other settings: the whole store is replaced (built beside it, swapped in), never mixed.
+    assert import_npy(src, out, hop_s=0.25, videos_per_shard=2, show_progress=False)[0] == 5
+    store = FeatureStore(out)
+    assert store.metadata["hop_s"] == 0.25 and len(store) == 5
+    np.testing.assert_allclose(store.get("v000").start_s, np.arange(6) * 0.25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["npy", "shards"]  # no staging folder left
+    assert json.loads((out / "import_npy.json").read_text())["complete"] is True
+    # A folder of another extractor's shards is refused, with what to do.
+    other = tmp_path / "extracted"
+    other.mkdir()
+    write_shard(other / "shard-00000.parquet", [("x", VideoFeatures(np.ones((2, 4)), [0, 1], [1, 2]))],
+                {"backbone": "i3d", "dim": 4})
+    with pytest.raises(NpyImportError, match="another extractor .*choose another --out"):
+        import_npy(src, other, hop_s=0.5, show_progress=False)
+    done = run(["-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(other), "--hop-s", "0.5"])
+    assert_one_line_error(done, "another extractor (i3d)")
+
+
+def import_command(src: Path, out: Path) -> list[str]:
+    return ["-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(out), "--hop-s", "0.5",
+            "--videos-per-shard", "2"]
+
+
+def test_a_killed_import_resumes_and_leaves_no_temporary_file(tmp_path):
+    src = tmp_path / "npy"
+    make_npy_folder(src, 24, length=3000, dim=128)  # long enough to be killed in the middle
+    reference = tmp_path / "reference"
+    assert run(import_command(src, reference)).returncode == 0
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([PYTHON, *import_command(src, out)], cwd=PROJECT_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "npy-00001.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stamp = json.loads((out / "import_npy.json").read_text())
+    kept = {p.name: p.stat().st_ino for p in out.glob("npy-*.parquet")}
+    assert kept
+    if stamp["complete"] is False:  # killed in the middle (nearly always): the store says so
+        assert len(kept) < 12
+    # What a kill inside write_shard leaves behind:
+    (out / ".npy-00011.parquet.0123abcd.tmp").write_bytes(b"PAR1 half a shard")
+    done = run(import_command(src, out))
+    assert done.returncode == 0, done.stderr
+    assert temporaries(out) == []
+    assert tree_digest(out) == tree_digest(reference)
+    # finished shards were kept, not rewritten
+    assert all((out / name).stat().st_ino == inode for name, inode in kept.items())
+    assert json.loads((out / "import_npy.json").read_text())["complete"] is True
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. configuration and annotation errors: one line naming the file, the key and the fix, exit 2
+# ----------------------------------------------------------------------------------------------
+
+def test_compose_typos_and_unknown_options_are_one_line():
+    done = run(["-m", "pipelines.cli", "compose", "train.lrr=1e-3"])
+    assert_one_line_error(done, "train.lrr", "did you mean train.lr?", "+train.lrr=")
+    done = run(["-m", "pipelines.cli", "compose", "dataset=nope"])
+    assert_one_line_error(done, "dataset=nope", "conf/dataset/nope.yaml", "charades", "synthetic")
+    done = run(["-m", "pipelines.cli", "compose", "train.lr"])
+    assert_one_line_error(done, "train.lr", "key=value")
+
+
+def test_bad_params_files_are_one_line_for_every_stage(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train:\n  lr: [0.1\n")
+    for stage in ("synthesize", "manifest", "extract", "train", "evaluate"):
+        args = {"synthesize": ["--out", "x"], "manifest": ["--out", "x", "--report", "y"],
+                "extract": ["--manifest", "m", "--out", "x"],
+                "train": ["--manifest", "m", "--shards", "s", "--checkpoints", "c", "--out", "o", "--log", "l"],
+                "evaluate": ["--model", "m", "--manifest", "m", "--shards", "s", "--metrics", "x",
+                             "--predictions", "p", "--per-class", "c", "--timelines", "t"]}[stage]
+        done = run(["-m", f"pipelines.{stage}", "--params", str(broken), *args], cwd=tmp_path)
+        assert_one_line_error(done, f"pipelines.{stage}: error: {broken}", "not valid YAML at line 3")
+    params = compose_params(["experiment=tiny"])
+    params["train"]["lrr"] = 0.1
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(params))
+    done = run(["-m", "pipelines.cli", "check", "--params", str(typo)])
+    assert_one_line_error(done, str(typo), "train.lrr: unknown key; did you mean train.lr?")
+
+
+def test_a_hand_written_exponent_is_the_number_meant(tmp_path):
+    text = yaml.safe_dump(compose_params(["experiment=tiny"])).replace("lr: 0.0005", "lr: 1e-3")
+    assert "lr: 1e-3" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"  # YAML 1.1 reads it as a string
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.001
+    bad = text.replace("lr: 1e-3", "lr: fast")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.lr: must be a number, got 'fast'"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def write_params(path: Path, **dataset) -> Path:
+    params = compose_params(["experiment=tiny", "dataset.synthetic=null", "dataset.num_classes=4",
+                             "dataset.class_names=null"])
+    params["dataset"].update(dataset)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_an_annotation_file_that_is_not_json_is_one_line(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "annotations.json").write_text('{"video": {"subset": "training",\n')
+    params = write_params(tmp_path / "params.yaml", video_dir=str(tmp_path / "videos"),
+                          annotations=str(tmp_path / "annotations.json"))
+    done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
+                "--report", str(tmp_path / "r.json")])
+    assert_one_line_error(done, "annotations.json (dataset.annotations) is not valid JSON", "line 2")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. a manifest without usable training or test videos
+# ----------------------------------------------------------------------------------------------
+
+def test_a_manifest_without_usable_videos_fails_at_once(tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "annotations.json").write_text("{}")
+    params = write_params(tmp_path / "params.yaml", video_dir=str(tmp_path / "videos"),
+                          annotations=str(tmp_path / "annotations.json"))
+    done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
+                "--report", str(tmp_path / "r.json")])
+    assert_one_line_error(done, "no usable 'training' or 'testing' video", "annotations.json")
+    assert not (tmp_path / "m.parquet").exists()  # so extract and train cannot run on it
+    assert json.loads((tmp_path / "r.json").read_text())["videos"]["usable"] == 0  # the report says why
+
+    # Only training videos (features as .npy): the test subset is named.
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "a.npy", np.ones((4, 3), np.float32))
+    (tmp_path / "annotations.json").write_text(json.dumps({"a": {"subset": "training", "duration": 2.0,
+                                                                 "actions": [[0, 0.0, 1.0]]}}))
+    params = write_params(tmp_path / "params.yaml", video_dir=str(tmp_path / "npy"), feature_source="npy",
+                          npy_hop_s=0.5, annotations=str(tmp_path / "annotations.json"))
+    done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
+                "--report", str(tmp_path / "r.json")])
+    assert_one_line_error(done, "no usable 'testing' video")
