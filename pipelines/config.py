@@ -48,6 +48,7 @@ class ConfigError(ValueError):
 TIME_UNITS = ("seconds", "frames")
 FEATURE_SOURCES = ("videos", "npy")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("warmup_cosine", "constant")
 SEGMENT_RULES = ("hysteresis", "sweep")
 
 
@@ -136,6 +137,7 @@ class TrainParams:
     normalize_features: bool = False  # standardise each feature dim with training-set mean/std
     num_threads: int = 2
     device: str = "auto"
+    schedule: str = "warmup_cosine"  # learning rate per step: warmup_cosine | constant (after warmup)
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "num_clips", "num_threads"):
@@ -150,6 +152,7 @@ class TrainParams:
         if self.max_grad_norm is not None:
             _require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
         _require_choice("train.device", self.device, DEVICES)
+        _require_choice("train.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)
