@@ -428,6 +428,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--features", metavar="SHARDS_DIR",
                         help="predict the videos of an existing feature shard directory instead of decoding videos")
     parser.add_argument("--plot", action="store_true", help="also write a timeline PNG per video")
+    parser.add_argument("--html", action="store_true",
+                        help="also write an interactive HTML viewer per video and index.html (pipelines/viewer.py)")
     parser.add_argument("--ray", action="store_true", help="extract the videos in parallel on Ray")
     parser.add_argument("--ray-address", help="Ray cluster to join with --ray (default: a local one)")
     parser.add_argument("--extractor-weights", help="the backbone weights file the training features were made with "
@@ -445,12 +447,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> int:
     """Exit code: 0 if at least one video was predicted, 1 if all failed, 2 for a usage/checkpoint error."""
     args = build_parser().parse_args(argv)
+    videos: dict[str, str] = {}  # video id -> file, for the viewer's <video> element
     try:
         if bool(args.inputs) == bool(args.features):
             raise PredictError("give either videos/folders or --features SHARDS_DIR (exactly one of them)")
         rule = SegmentRule(args.threshold_on, args.threshold_off, args.min_duration, args.merge_gap)
         probabilities_to_segments(np.zeros((0, 1)), np.zeros(0), np.zeros(0), **dataclasses.asdict(rule))  # validate
-        device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+        from extractors.device import resolve_device  # the project's one resolver: a clear error without CUDA
+
+        device = str(resolve_device(args.device, "--device"))
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.features:
             summary = predict_store(FeatureStore(args.features), predictor, args.out, rule, args.plot)
@@ -470,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ms-temba predict: error: {error}", file=sys.stderr)
         return 2
     print(f"ms-temba predict: {summary} -> {args.out}")
+    if args.html and summary.ok:
+        from pipelines.viewer import write_predict_viewer
+
+        print(f"  viewer: {write_predict_viewer(args.out, summary.ok, videos)}")
     for failure in summary.failures:
         print(f"  failed: {failure['video_id']} ({failure['error_type']}: {failure['message']})", file=sys.stderr)
     return 0 if summary.ok else 1
