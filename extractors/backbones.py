@@ -167,11 +167,10 @@ def ceil_to_multiple(value: int, multiple: int) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("extractor.device is 'cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
-    return torch.device(device)
+    """extractor.device as a torch.device (extractors.device: the project's one resolver)."""
+    from extractors.device import resolve_device as resolve
+
+    return resolve(device, "extractor.device")
 
 
 # Features as they leave a backbone: (features (k, dim) float32, spans (k, 2) int64), where span row

@@ -28,8 +28,14 @@ def _compose(args) -> int:
 
 
 def _check(args) -> int:
-    load_params(args.params)
-    print(f"{args.params}: ok")
+    from extractors.device import resolve_device
+
+    params = load_params(args.params)
+    # The devices as this machine resolves them (the stages would fail the same way, later).
+    devices = [f"train.device {params.train.device!r} -> {resolve_device(params.train.device, 'train.device')}",
+               f"extractor.device {params.extractor.device!r} -> "
+               f"{resolve_device(params.extractor.device, 'extractor.device')}"]
+    print(f"{args.params}: ok ({'; '.join(devices)} on this machine)")
     return 0
 
 

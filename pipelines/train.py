@@ -51,9 +51,11 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    """train.device as a torch.device (extractors.device: the project's one resolver; a 'cuda' the
+    machine cannot honour is a one-line DeviceError)."""
+    from extractors.device import resolve_device
+
+    return resolve_device(name, "train.device")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -93,12 +95,39 @@ def validation_map(model, sequences: list[Sequence], num_classes: int, device: t
     return 100.0 * metric.compute()["map"]
 
 
+# Settings that say how a run executes, not what it computes: a checkpoint resumes across them (a run
+# started on one machine may go on on another, with another thread count). The package version is
+# provenance, like everywhere else (extractors.shards).
+RUNTIME_ONLY_KEYS = frozenset({"train.device", "train.num_threads", "features.package_version"})
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        return {key: leaf for name, item in value.items() for key, leaf in _flatten(item, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): value}
+
+
 def fingerprint(params: PipelineParams, feature_metadata: dict, train_ids: list[str], val_ids: list[str]) -> str:
-    """What a checkpoint must have been trained with to be resumed."""
-    identity = {"dataset": dataclasses.asdict(params.dataset), "model": dataclasses.asdict(params.model),
-                "train": {k: v for k, v in dataclasses.asdict(params.train).items() if k != "device"},
-                "features": feature_metadata, "train_ids": train_ids, "val_ids": val_ids}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    """What a checkpoint must have been trained with to be resumed: "<digest> key=<hash> ...", one
+    short hash per setting (so that `fingerprint_difference` can name the keys that differ)."""
+    identity = _flatten({"dataset": dataclasses.asdict(params.dataset), "model": dataclasses.asdict(params.model),
+                         "train": dataclasses.asdict(params.train), "features": feature_metadata,
+                         "train_ids": train_ids, "val_ids": val_ids})
+    parts = {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+             for key, value in sorted(identity.items()) if key not in RUNTIME_ONLY_KEYS}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return " ".join([digest, *(f"{key}={value}" for key, value in parts.items())])
+
+
+def fingerprint_difference(old: str, new: str) -> str:
+    """The keys in which two fingerprints differ, e.g. "train.lr, model.overrides.widths"."""
+    def parts(text: str) -> dict | None:
+        fields = str(text).split(" ")
+        return dict(field.split("=", 1) for field in fields[1:]) if len(fields) > 1 else None
+    first, second = parts(old), parts(new)
+    if first is None or second is None:
+        return "settings not recorded: a checkpoint of an older version"
+    return ", ".join(sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))) or "nothing"
 
 
 def write_log(path: Path, history: list[dict]) -> None:
@@ -169,7 +198,8 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
             log.info("resuming after epoch %d from %s", checkpoint["epoch"], checkpoint_path)
         else:
-            log.info("ignoring %s: it belongs to another configuration", checkpoint_path)
+            log.info("ignoring %s: it belongs to another configuration (differing: %s)", checkpoint_path,
+                     fingerprint_difference(checkpoint["fingerprint"], run_id))
 
     for epoch in range(start_epoch, recipe.epochs + 1):
         started = time.perf_counter()

@@ -168,6 +168,6 @@ def test_device_choice():
         assert resolve_device("auto").type == "cuda"
     else:
         assert resolve_device("auto").type == "cpu"
-        with pytest.raises(RuntimeError, match="no CUDA device"):
+        with pytest.raises(ValueError, match="extractor.device is 'cuda' but this machine cannot run CUDA"):
             resolve_device("cuda")
     assert resolve_device("cpu").type == "cpu"

@@ -272,3 +272,233 @@ def test_a_manifest_without_usable_videos_fails_at_once(tmp_path):
     done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
                 "--report", str(tmp_path / "r.json")])
     assert_one_line_error(done, "no usable 'testing' video")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. one device resolver; `cuda` without CUDA is a one-line error everywhere, and `check` says it
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_in_check_train_and_predict(tmp_path):
+    from extractors.backbones import resolve_device as extractor_device
+    from extractors.device import DeviceError, resolve_device
+    from pipelines.train import pick_device
+
+    for resolve, setting in ((pick_device, "train.device"), (extractor_device, "extractor.device")):
+        assert str(resolve("auto")) == "cpu"
+        with pytest.raises(DeviceError, match=f"{setting} is 'cuda' but this machine cannot run CUDA"):
+            resolve("cuda")
+    assert str(resolve_device("auto")) == "cpu"
+
+    params = compose_params(["experiment=tiny"])
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(params))
+    done = run(["-m", "pipelines.cli", "check", "--params", str(tmp_path / "auto.yaml")])
+    assert done.returncode == 0 and "train.device 'auto' -> cpu" in done.stdout, done.stderr
+    params["train"]["device"] = "cuda"
+    (tmp_path / "cuda.yaml").write_text(yaml.safe_dump(params))
+    done = run(["-m", "pipelines.cli", "check", "--params", str(tmp_path / "cuda.yaml")])
+    assert_one_line_error(done, "train.device is 'cuda' but this machine cannot run CUDA", "'auto'")
+    done = run(["-m", "pipelines.train", "--params", str(tmp_path / "cuda.yaml"), "--manifest", "m", "--shards",
+                str(tmp_path), "--checkpoints", "c", "--out", "o", "--log", "l"], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr  # the manifest is missing, or the device
+    done = run(["-m", "pipelines.cli", "predict", "--features", str(tmp_path), "--checkpoint", "m.pt",
+                "--out", str(tmp_path / "out"), "--device", "cuda"])
+    assert_one_line_error(done, "--device is 'cuda' but this machine cannot run CUDA")
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. convert-release on files that are not checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def test_convert_release_says_what_a_file_is_not_and_never_advises_unsafe_loading(tmp_path):
+    import pickle
+    import zipfile
+
+    import torch
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "page.pth").write_text("<html><body>404 Not Found</body></html>\n")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "plain.pth").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    with zipfile.ZipFile(tmp_path / "archive.pth", "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    torch.save({"w": torch.ones(2)}, tmp_path / "garbled.pth")
+    with zipfile.ZipFile(tmp_path / "garbled.pth") as source, zipfile.ZipFile(tmp_path / "garbled2.pth", "w") as out:
+        for item in source.infolist():  # the same archive with its pickle replaced by noise
+            data = source.read(item)
+            out.writestr(item, b"\x80\x02\x92\x93\x94" + data[5:] if item.filename.endswith("data.pkl") else data)
+    expected = {"empty": "is empty (0 bytes)", "page": "is not a PyTorch checkpoint", "random": "binary data",
+                "plain": "plain Python pickle", "archive": "zip archive but not a PyTorch checkpoint",
+                "garbled2": "not a PyTorch checkpoint that can be read safely"}
+    for name, message in expected.items():
+        done = run(["-m", "pipelines.cli", "convert-release", str(tmp_path / f"{name}.pth"), str(tmp_path / "out.pt")])
+        assert_one_line_error(done, message, f"{name}.pth")
+        assert "weights_only=False" not in done.stderr and "weights_only` set to `False" not in done.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. every module a stage imports is a dependency of the stage in dvc.yaml
+# ----------------------------------------------------------------------------------------------
+
+PACKAGES = ("ms_temba", "extractors", "pipelines")
+
+
+def _module_file(name: str) -> Path | None:
+    path = PROJECT_ROOT.joinpath(*name.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def import_closure(module: str) -> list[str]:
+    """The project files `python -m module` can import, lazily imported ones included (from the AST)."""
+    import ast
+
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for depth in range(1, len(parts) + 1):  # a module imports its packages' __init__ first
+            name = ".".join(parts[:depth])
+            path = _module_file(name)
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    todo += [alias.name for alias in node.names if alias.name.split(".")[0] in PACKAGES]
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                        base = ".".join(anchor + ([base] if base else []))
+                    if base.split(".")[0] in PACKAGES:
+                        todo.append(base)
+                        todo += [f"{base}.{alias.name}" for alias in node.names if _module_file(f"{base}.{alias.name}")]
+    return sorted(str(path.relative_to(PROJECT_ROOT)) for path in seen)
+
+
+def test_every_imported_module_is_a_stage_dependency():
+    import re
+
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    missing = {}
+    for stage, spec in stages.items():
+        module = re.search(r"python -m ([\w.]+)", spec["cmd"]).group(1)
+        deps = [dep.rstrip("/") for dep in spec["deps"]]
+        closure = import_closure(module)
+        assert f"{module.replace('.', '/')}.py" in closure
+        gaps = [path for path in closure if not any(path == dep or path.startswith(dep + "/") for dep in deps)]
+        if gaps:
+            missing[stage] = gaps
+        for dep in deps:  # and every code dependency exists
+            if dep.split("/")[0] in PACKAGES:
+                assert (PROJECT_ROOT / dep).exists(), f"{stage}: dependency {dep} does not exist"
+    assert not missing, f"add these to the stages' deps in dvc.yaml: {missing}"
+    # the closure does follow lazy imports: the manifest stage probes with extractors.video
+    assert "extractors/video.py" in import_closure("pipelines.manifest")
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. resuming a training run across runtime-only settings; naming the keys that forbid it
+# ----------------------------------------------------------------------------------------------
+
+def make_npy_dataset(root: Path, num_videos: int = 8, num_classes: int = 3, dim: int = 8, hop_s: float = 0.5):
+    rng = np.random.default_rng(0)
+    projection = rng.standard_normal((num_classes, dim)).astype(np.float32)
+    (root / "npy").mkdir(parents=True)
+    annotations = {}
+    for index in range(num_videos):
+        length = int(rng.integers(16, 24))
+        actions = [[int(rng.integers(num_classes)), float(s), float(s) + 3.0]
+                   for s in rng.uniform(0, length * hop_s - 3, size=3).round(2)]
+        centres = (np.arange(length) + 0.5) * hop_s
+        labels = np.zeros((length, num_classes), np.float32)
+        for label, start, end in actions:
+            labels[(centres >= start) & (centres <= end), label] = 1
+        np.save(root / "npy" / f"vid{index:02d}.npy",
+                labels @ projection + 0.3 * rng.standard_normal((length, dim)).astype(np.float32))
+        annotations[f"vid{index:02d}"] = {"subset": "testing" if index >= num_videos - 2 else "training",
+                                          "duration": length * hop_s, "actions": actions}
+    (root / "annotations.json").write_text(json.dumps(annotations))
+    params = compose_params([
+        "experiment=tiny", "dataset.synthetic=null", f"dataset.num_classes={num_classes}", "dataset.class_names=null",
+        "dataset.feature_source=npy", f"dataset.video_dir={root / 'npy'}",
+        f"dataset.annotations={root / 'annotations.json'}", f"dataset.npy_hop_s={hop_s}", "train.epochs=2",
+        "train.warmup_epochs=1", "train.batch_size=3", "train.num_clips=8", "train.val_fraction=0.3"])
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+@pytest.fixture(scope="module")
+def npy_pipeline(tmp_path_factory):
+    """params.yaml, manifest and shards of a small .npy dataset (the manifest and extract stages)."""
+    from pipelines import extract as extract_stage
+    from pipelines import manifest as manifest_stage
+
+    root = tmp_path_factory.mktemp("npy_pipeline")
+    make_npy_dataset(root)
+    manifest_stage.main(["--params", str(root / "params.yaml"), "--out", str(root / "manifest.parquet"),
+                         "--report", str(root / "report.json")])
+    extract_stage.main(["--params", str(root / "params.yaml"), "--manifest", str(root / "manifest.parquet"),
+                        "--out", str(root / "shards")])
+    return root
+
+
+def train_args(data: Path, run_dir: Path, params: Path) -> list[str]:
+    return ["-m", "pipelines.train", "--params", str(params), "--manifest", str(data / "manifest.parquet"),
+            "--shards", str(data / "shards"), "--checkpoints", str(run_dir / "checkpoints"),
+            "--out", str(run_dir / "model.pt"), "--log", str(run_dir / "log.csv")]
+
+
+def test_training_resumes_across_runtime_settings_and_names_what_forbids_it(npy_pipeline, tmp_path):
+    from pipelines.train import fingerprint, fingerprint_difference
+
+    data = npy_pipeline
+    params = yaml.safe_load((data / "params.yaml").read_text())
+    done = run(train_args(data, tmp_path, data / "params.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    from pipelines.bundle import load_bundle
+
+    model = load_bundle(tmp_path / "model.pt")
+
+    # Another thread count and device: the finished run is resumed (nothing left to train), same model.
+    runtime = {**params, "train": {**params["train"], "num_threads": 1, "device": "cpu"}}
+    (tmp_path / "runtime.yaml").write_text(yaml.safe_dump(runtime))
+    done = run(train_args(data, tmp_path, tmp_path / "runtime.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after epoch 2" in done.stderr and "another configuration" not in done.stderr
+    resumed = load_bundle(tmp_path / "model.pt")  # the same weights (its train_params record the new threads)
+    assert resumed.selected_epoch == model.selected_epoch and resumed.state_dict.keys() == model.state_dict.keys()
+    assert all(torch_equal(resumed.state_dict[k], model.state_dict[k]) for k in model.state_dict)
+
+    # A real change: not resumed, and the log names the keys.
+    changed = {**params, "train": {**params["train"], "lr": 0.002, "seed": 3}}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    done = run(train_args(data, tmp_path, tmp_path / "changed.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "belongs to another configuration (differing: " in done.stderr
+    differing = done.stderr.split("(differing: ")[1].split(")")[0]
+    assert "train.lr" in differing and "train.seed" in differing and "num_threads" not in differing
+
+    parsed = lambda values: load_params_from(values, tmp_path)  # noqa: E731
+    one, other = parsed(params), parsed(runtime)
+    assert fingerprint(one, {"dim": 8, "package_version": "1"}, ["a"], ["b"]) == \
+        fingerprint(other, {"dim": 8, "package_version": "2"}, ["a"], ["b"])
+    assert fingerprint_difference(fingerprint(one, {"dim": 8}, ["a"], ["b"]),
+                                  fingerprint(one, {"dim": 9}, ["a", "c"], ["b"])) == "features.dim, train_ids"
+    assert "older version" in fingerprint_difference("0123abcd", fingerprint(one, {}, [], []))
+
+
+def torch_equal(first, second) -> bool:
+    import torch
+
+    return torch.equal(first, second)
+
+
+def load_params_from(values: dict, directory: Path):
+    path = directory / "params_for_fingerprint.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return load_params(path)
