@@ -26,7 +26,15 @@ confident segments and the long faint ones, which limits recall. It applies the 
 several thresholds (threshold_on = threshold_off = each threshold in turn), pools the segments of
 all thresholds, and removes near-duplicates by greedy non-maximum suppression per class: segments
 are visited by decreasing score and one is dropped when its tIoU with an already kept segment of
-its class exceeds `nms_tiou`.
+its class exceeds `nms_tiou`. Pooled over thresholds, the mean probability is a poor ranking
+score: the fragment of an action found at a high threshold scores higher than the whole action,
+and is a false positive at high tIoU. The sweep therefore scores a segment by its contrast with
+its surroundings (`context_ratio`, the "inner minus outer" actionness score of temporal action
+proposal methods): mean probability over its frames minus the mean over the
+ceil(context_ratio * frames) frames (at least 1) on each side of it, clipped to [0, 1]. A
+fragment of a longer action has high probability around it and scores low. On the synthetic test
+videos (30 videos, the default pipeline's model): detection mAP (tIoU 0.1..0.9) 50.4 % with the
+hysteresis rule, 40 % with the sweep scored by the mean, 53.2 % with the contrast score (NMS 0.5).
 """
 
 from __future__ import annotations
@@ -111,9 +119,10 @@ def sweep_segments(
     times_start,
     times_end,
     thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    nms_tiou: float = 0.7,
+    nms_tiou: float = 0.5,
     min_duration_s: float = 0.0,
     merge_gap_s: float = 0.0,
+    context_ratio: float | None = 0.25,
 ) -> list[Segment]:
     """Segments at several thresholds, merged by per-class NMS (see the module docstring).
 
@@ -124,6 +133,9 @@ def sweep_segments(
         nms_tiou: in [0, 1]; a segment whose tIoU with a higher-scoring kept segment of its class
             is > nms_tiou is dropped. 1 keeps every distinct segment (exact duplicates, found at
             several thresholds, are always dropped).
+        context_ratio: the score is the segment's mean probability minus the mean over
+            ceil(context_ratio * its frames) frames (at least 1) on each side, clipped to [0, 1];
+            None scores by the mean probability alone, as `probabilities_to_segments` does.
 
     Returns:
         The kept segments sorted by start time, then class id.
@@ -132,10 +144,26 @@ def sweep_segments(
     if not thresholds:
         raise ValueError("thresholds must not be empty")
     nms_tiou = _check_number("nms_tiou", nms_tiou, low=0.0, high=1.0)
+    if context_ratio is not None:
+        context_ratio = _check_number("context_ratio", context_ratio, low=0.0)
+    min_duration_s = _check_number("min_duration_s", min_duration_s, low=0.0)
+    merge_gap_s = _check_number("merge_gap_s", merge_gap_s, low=0.0)
+    probs, times_start, times_end = _check_arrays(probs, times_start, times_end)
     pooled: list[Segment] = []
-    for threshold in sorted(set(thresholds)):
-        pooled += probabilities_to_segments(probs, times_start, times_end, threshold, threshold,
-                                            min_duration_s, merge_gap_s)
+    for class_id in range(probs.shape[1]):
+        p = probs[:, class_id]
+        for threshold in sorted(set(thresholds)):
+            ranges = _merge_close(_hysteresis_runs(p, threshold, threshold), times_start, times_end, merge_gap_s)
+            for first, last in ranges:
+                start_s, end_s = float(times_start[first]), float(times_end[last])
+                if end_s - start_s < min_duration_s:
+                    continue
+                score = float(p[first : last + 1].mean())
+                if context_ratio is not None:
+                    width = max(1, int(np.ceil(context_ratio * (last - first + 1))))
+                    outside = np.concatenate([p[max(0, first - width) : first], p[last + 1 : last + 1 + width]])
+                    score = min(max(score - (float(outside.mean()) if outside.size else 0.0), 0.0), 1.0)
+                pooled.append(Segment(class_id, start_s, end_s, score))
     kept = nms(pooled, nms_tiou)
     kept.sort(key=lambda s: (s.start_s, s.class_id, s.end_s))
     return kept

@@ -169,7 +169,8 @@ class EvalParams:
     threshold_on: float = 0.5
     threshold_off: float = 0.35
     sweep_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    nms_tiou: float = 0.7
+    nms_tiou: float = 0.5
+    context_ratio: float | None = 0.25  # sweep: score = mean inside - mean of this much context; null = mean
     min_duration_s: float = 0.5
     merge_gap_s: float = 0.5
     viewer_videos: int | None = None  # HTML viewer pages written (the first N test videos); null = all
@@ -183,6 +184,8 @@ class EvalParams:
         _require(len(self.sweep_thresholds) > 0 and all(0 <= t <= 1 for t in self.sweep_thresholds),
                  "eval.sweep_thresholds", f"must be a non-empty list of numbers in [0, 1], got {self.sweep_thresholds}")
         _require(0 <= self.nms_tiou <= 1, "eval.nms_tiou", f"must be in [0, 1], got {self.nms_tiou}")
+        if self.context_ratio is not None:
+            _require(self.context_ratio >= 0, "eval.context_ratio", f"must be >= 0 or null, got {self.context_ratio}")
         for key in ("min_duration_s", "merge_gap_s"):
             _require(getattr(self, key) >= 0, f"eval.{key}", f"must be >= 0, got {getattr(self, key)}")
         if self.viewer_videos is not None:

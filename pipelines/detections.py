@@ -64,14 +64,16 @@ class DetectionFormatError(ValueError):
 def extract_segments(probs, start_s, end_s, rule: str = "hysteresis", threshold_on: float = 0.5,
                      threshold_off: float = 0.35, sweep_thresholds: Iterable[float] = (0.1, 0.2, 0.3, 0.4, 0.5,
                                                                                      0.6, 0.7, 0.8, 0.9),
-                     nms_tiou: float = 0.7, min_duration_s: float = 0.5, merge_gap_s: float = 0.5) -> list[Segment]:
+                     nms_tiou: float = 0.5, min_duration_s: float = 0.5, merge_gap_s: float = 0.5,
+                     context_ratio: float | None = 0.25) -> list[Segment]:
     """Segments of one video by `rule`: "hysteresis" (ms_temba.segments.probabilities_to_segments
     with threshold_on/off) or "sweep" (ms_temba.segments.sweep_segments)."""
     if rule == "hysteresis":
         return probabilities_to_segments(probs, start_s, end_s, threshold_on, threshold_off, min_duration_s,
                                          merge_gap_s)
     if rule == "sweep":
-        return sweep_segments(probs, start_s, end_s, tuple(sweep_thresholds), nms_tiou, min_duration_s, merge_gap_s)
+        return sweep_segments(probs, start_s, end_s, tuple(sweep_thresholds), nms_tiou, min_duration_s, merge_gap_s,
+                              context_ratio)
     raise ValueError(f"segment rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 
@@ -79,7 +81,7 @@ def segments_of_eval_params(eval_params, probs, start_s, end_s) -> list[Segment]
     """extract_segments with the settings of params.yaml's `eval` section."""
     return extract_segments(probs, start_s, end_s, eval_params.segment_rule, eval_params.threshold_on,
                             eval_params.threshold_off, eval_params.sweep_thresholds, eval_params.nms_tiou,
-                            eval_params.min_duration_s, eval_params.merge_gap_s)
+                            eval_params.min_duration_s, eval_params.merge_gap_s, eval_params.context_ratio)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +278,10 @@ def add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-off", type=float, default=0.35)
     parser.add_argument("--sweep-thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
                                                                               0.8, 0.9])
-    parser.add_argument("--nms-tiou", type=float, default=0.7)
+    parser.add_argument("--nms-tiou", type=float, default=0.5, help="sweep: NMS tIoU")
+    parser.add_argument("--context-ratio", type=float, default=0.25,
+                        help="sweep: score = mean p inside - mean p of this fraction of the length on each side; "
+                             "a negative value scores by the mean p alone")
     parser.add_argument("--min-duration", type=float, default=0.5, help="seconds")
     parser.add_argument("--merge-gap", type=float, default=0.5, help="seconds")
 
@@ -313,7 +318,7 @@ def export_main(argv: list[str] | None = None) -> int:
         videos, written = export_segments(
             args.source, args.out, rule=args.rule, threshold_on=args.threshold_on, threshold_off=args.threshold_off,
             sweep_thresholds=args.sweep_thresholds, nms_tiou=args.nms_tiou, min_duration_s=args.min_duration,
-            merge_gap_s=args.merge_gap)
+            merge_gap_s=args.merge_gap, context_ratio=None if args.context_ratio < 0 else args.context_ratio)
     except (DetectionFormatError, FileNotFoundError, ValueError) as error:
         print(f"ms-temba export: error: {error}", file=sys.stderr)
         return 2

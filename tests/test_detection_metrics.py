@@ -284,6 +284,24 @@ def test_sweep_finds_short_confident_and_long_faint_segments():
     assert [(s.start_s, s.end_s) for s in strict] == [(3.0, 5.0)]
 
 
+def test_sweep_scores_by_contrast_so_fragments_rank_below_the_whole_action():
+    # One action over frames 2..7, with a confident core at 4..5 that a high threshold finds alone.
+    p = np.array([0.0, 0.0, 0.6, 0.6, 0.95, 0.95, 0.6, 0.6, 0.0, 0.0])[:, None]
+    swept = {(s.start_s, s.end_s): s.score for s in sweep_segments(p, TIMES, TIMES + 1, [0.5, 0.9], nms_tiou=1.0)}
+    # whole: mean 0.7167, context ceil(0.25 * 6) = 2 frames each side, all 0 -> 0.7167
+    # core: mean 0.95, context 1 frame each side (0.6) -> 0.35
+    assert swept == {(2.0, 8.0): pytest.approx(4.3 / 6), (4.0, 6.0): pytest.approx(0.35)}
+    by_mean = {(s.start_s, s.end_s): s.score
+               for s in sweep_segments(p, TIMES, TIMES + 1, [0.5, 0.9], nms_tiou=1.0, context_ratio=None)}
+    assert by_mean[(4.0, 6.0)] > by_mean[(2.0, 8.0)]  # the mean ranks the fragment first
+    # With the contrast score the whole action comes first: AP 1 at tIoU 0.9 for its instance.
+    ranked = sorted(swept.items(), key=lambda item: -item[1])
+    ap = detection_average_precision([("v", s, e, score) for (s, e), score in ranked], [("v", 2.0, 8.0)], [0.9])
+    assert ap[0] == 1.0
+    with pytest.raises(ValueError, match="context_ratio"):
+        sweep_segments(p, TIMES, TIMES + 1, context_ratio=-1.0)
+
+
 def test_sweep_drops_exact_duplicates_and_keeps_classes_apart():
     p = np.zeros((10, 2))
     p[2:5, 0] = p[2:5, 1] = 0.9  # the same run at every threshold below 0.9, in both classes

@@ -117,7 +117,11 @@ def test_export_command_from_predict_outputs(tmp_path, capsys):
     assert cli.main(["export", str(predict_dir), "--out", str(tmp_path / "sweep"), "--rule", "sweep",
                      "--sweep-thresholds", "0.2", "0.5", "--nms-tiou", "1"]) == 0
     swept = read_results(tmp_path / "sweep" / "results.json")["clip"]
-    assert ("jump", 7.0, 11.0, pytest.approx(0.45)) in swept and ("jump", 8.0, 10.0, pytest.approx(0.6)) in swept
+    # contrast scores: [7, 11] mean 0.45, 0 around it; [8, 10] mean 0.6, 0.3 around it
+    assert ("jump", 7.0, 11.0, pytest.approx(0.45)) in swept and ("jump", 8.0, 10.0, pytest.approx(0.3)) in swept
+    assert cli.main(["export", str(predict_dir), "--out", str(tmp_path / "mean"), "--rule", "sweep",
+                     "--sweep-thresholds", "0.2", "0.5", "--nms-tiou", "1", "--context-ratio", "-1"]) == 0
+    assert ("jump", 8.0, 10.0, pytest.approx(0.6)) in read_results(tmp_path / "mean" / "results.json")["clip"]
     assert (tmp_path / "sweep" / "results.csv").is_file()
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "holds no" in capsys.readouterr().err
