@@ -49,6 +49,8 @@ from pipelines.annotations import IssueLog, clean_video, read_annotations  # noq
 from pipelines.labels import build_labels  # noqa: E402
 
 DATASETS = {"multithumos": 65, "charades": 157}
+# Seconds between features: Multi-THUMOS actions are short (median 1.9 s), Charades' long (~10 s).
+HOP_S = {"multithumos": 0.5, "charades": 1.0}
 DEFAULT_MODELS = ["ms_temba_small", "ms_tct_small", "mstcn", "mstcn_single", "mlp"]
 SHARED_ANNOTATIONS = ROOT.parent / "shared" / "annotations"
 
@@ -214,11 +216,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--charades-videos", type=int, nargs=2, default=[600, 200], metavar=("TRAIN", "TEST"),
                         help="Charades subset (its 9848 short videos would dominate the time)")
-    parser.add_argument("--hop-s", type=float, default=1.0)
+    parser.add_argument("--hop-s", type=float, default=None, help="default: 0.5 s Multi-THUMOS, 1 s Charades")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--evidence", type=float, default=0.5)
-    parser.add_argument("--boundary", type=float, default=2.0)
-    parser.add_argument("--nuisance", type=float, default=2.0)
+    parser.add_argument("--evidence", type=float, default=2.5)
+    parser.add_argument("--boundary", type=float, default=3.0)
+    parser.add_argument("--nuisance", type=float, default=1.5)
     parser.add_argument("--nuisance-tau-s", type=float, default=30.0)
     parser.add_argument("--offset", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -244,15 +246,16 @@ def main(argv=None) -> None:
         max_train = args.max_train if args.max_train is not None else max_train
         max_test = args.max_test if args.max_test is not None else max_test
         data_dir = args.out / dataset
+        hop_s = args.hop_s or HOP_S[dataset]
         summary = make_features(annotations, select_videos(annotations, max_train, max_test), DATASETS[dataset],
-                                data_dir, hop_s=args.hop_s, dim=args.dim, evidence=args.evidence,
+                                data_dir, hop_s=hop_s, dim=args.dim, evidence=args.evidence,
                                 boundary=args.boundary, nuisance=args.nuisance, nuisance_tau_s=args.nuisance_tau_s,
                                 offset=args.offset, seed=args.seed)
         log.info("%s: %s", dataset, {k: v for k, v in summary.items() if k != "context_only_classes"})
-        prepare(dataset, data_dir, args.hop_s, args.threads)
+        prepare(dataset, data_dir, hop_s, args.threads)
         context = np.array(summary["context_only_classes"])
         for model, overrides in rows_spec:
-            row = run_row(dataset, data_dir, args.hop_s, model, overrides, args.threads, context, log)
+            row = run_row(dataset, data_dir, hop_s, model, overrides, args.threads, context, log)
             results.append(row)
             log.info("%s %s %s: mAP %.2f (context %.2f / others %.2f) in %.0f s", dataset, model, overrides,
                      row["map"], row["map_context"], row["map_other"], row["train_s"])
