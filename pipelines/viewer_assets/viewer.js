@@ -40,7 +40,7 @@
   var ctx = canvas.getContext("2d");
   var state = { time: 0, scale: null, rows: [], nameFilter: "", minScore: 0, follow: true };
 
-  function fitScale() { return Math.max(scroller.clientWidth - 2, 50) / duration; }
+  function fitScale() { return Math.max(scroller.clientWidth, 50) / duration; }
   function formatTime(t) {
     var h = Math.floor(t / 3600), m = Math.floor(t / 60) % 60, s = t - 60 * Math.floor(t / 60);
     var ss = (s < 10 ? "0" : "") + s.toFixed(2);
@@ -84,7 +84,8 @@
     if (state.scale === null) state.scale = fitScale();
     state.scale = Math.min(Math.max(state.scale, fitScale()), MAX_SCALE);
     var height = AXIS + state.rows.length * ROW;
-    inner.style.width = Math.ceil(duration * state.scale) + "px";
+    // Never narrower than the view, so the whole video at "fit" needs no scroll bar.
+    inner.style.width = Math.max(Math.floor(duration * state.scale), scroller.clientWidth) + "px";
     inner.style.height = height + "px";
     canvas.width = Math.max(scroller.clientWidth, 1);
     canvas.height = height;
