@@ -169,3 +169,11 @@ def test_eval_params_reject_bad_detection_settings():
         with pytest.raises(ConfigError) as error:
             EvalParams(**values).check()
         assert error.value.key == key
+
+
+@pytest.mark.parametrize("command, prog", [("export", "ms-temba export"), ("score", "ms-temba score")])
+def test_commands_have_their_own_help(command, prog, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: {prog}" in capsys.readouterr().out
