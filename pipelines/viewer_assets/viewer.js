@@ -22,8 +22,6 @@
   var probs = data.probs.map(decode);
   var peaks = probs.map(function (p) { var m = 0; for (var i = 0; i < p.length; i++) if (p[i] > m) m = p[i]; return m / 255; });
   var hasTruth = Array.isArray(data.truth);
-  var truthClasses = {};
-  (data.truth || []).forEach(function (t) { truthClasses[t[0]] = true; });
 
   // A viridis-like colour map, 256 entries of [r, g, b].
   var STOPS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
@@ -59,7 +57,7 @@
     state.rows = [];
     for (var c = 0; c < numClasses; c++) {
       if (needle && data.classes[c].toLowerCase().indexOf(needle) < 0) continue;
-      if (peaks[c] < state.minScore && !(hasTruth && truthClasses[c] && state.minScore === 0)) continue;
+      if (peaks[c] < state.minScore) continue;
       state.rows.push(c);
     }
     var html = ['<div class="axis-spacer">' + state.rows.length + " of " + numClasses + " classes</div>"];
