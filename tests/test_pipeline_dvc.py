@@ -62,6 +62,12 @@ def test_repro_exp_run_metrics_diff_and_noop(repo):
     for key in ("map", "map_sampled25", "chance_map"):
         assert 0 < metrics[key] <= 100, key
     assert metrics["num_videos"] == 2  # 8 tiny videos, 25 % of them in the test subset
+    assert 0 <= metrics["detection_map"] <= 100 and set(metrics["detection_map_at"]) == {
+        f"0.{k}" for k in range(1, 10)}
+    assert (repo / "reports" / "detection_ap.csv").read_text().startswith("tiou,map\n")
+    assert (repo / "reports" / "detections" / "results.json").is_file()
+    assert (repo / "reports" / "viewer" / "index.html").is_file()
+    assert len(list((repo / "reports" / "viewer").glob("*.html"))) == 1 + metrics["num_videos"]
     assert (repo / "reports" / "timelines").is_dir() and any((repo / "reports" / "timelines").glob("*.png"))
     report = json.loads((repo / "reports" / "manifest_report.json").read_text())
     assert report["videos"]["usable"] == 8
@@ -80,7 +86,8 @@ def test_repro_exp_run_metrics_diff_and_noop(repo):
     assert (repo / "reports" / "train_log.csv").read_text().count("\n") == 1 + 3  # header + 3 epochs
 
     plots = json.loads(run(DVC + ["plots", "show", "--json"], repo))["data"]
-    assert {"Training loss", "Validation mAP (%)", "Test AP per class (%)"} <= set(plots)
+    assert {"Training loss", "Validation mAP (%)", "Test AP per class (%)", "Test detection mAP vs tIoU (%)",
+            "Test detection AP per class (%, mean over tIoU)"} <= set(plots)
     assert any(key.startswith("reports/timelines/") and key.endswith(".png") for key in plots)
 
     # Nothing changed since: a second repro skips every stage and leaves the outputs alone.
