@@ -153,9 +153,11 @@ def _failure(video_id: str, path: str, error: BaseException) -> dict[str, str]:
 
 
 def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig, out_dir: str | os.PathLike,
-                   ray_address: str | None = None, progress: bool = True) -> ExtractionSummary:
+                   ray_address: str | None = None, progress: bool = True,
+                   extra_metadata: Mapping[str, Any] | None = None) -> ExtractionSummary:
     """Extract features of `videos` ({video_id: path}) into Parquet shards in out_dir, skipping videos
-    already there. Per-video failures are recorded in out_dir/failures.jsonl, never raised."""
+    already there. Per-video failures are recorded in out_dir/failures.jsonl, never raised.
+    `extra_metadata` is added to the shards' metadata (the pipeline records `source_fps` there)."""
     import ray
     import ray.exceptions
     from tqdm import tqdm
@@ -189,7 +191,7 @@ def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig
         # Building the backbone fails the same way in every actor (bad weights path, ...): that is
         # a configuration error, raised here before any video is attempted.
         try:
-            metadata = _shard_metadata(cfg, ray.get(actors[0].shard_metadata.remote()))
+            metadata = {**_shard_metadata(cfg, ray.get(actors[0].shard_metadata.remote())), **(extra_metadata or {})}
         except ray.exceptions.RayActorError as error:
             raise ExtractorBuildError(f"building the {cfg.backbone!r} extractor failed: {error}") from error
         if store.metadata and (differing := metadata_mismatch(store.metadata, metadata)):

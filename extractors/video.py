@@ -89,10 +89,21 @@ def _first_line(error: BaseException) -> str:
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, frame rate, duration and native size of a video (decodes only the first frame)."""
+    """Frame count, frame rate, duration and native size of a video.
+
+    Decodes the first frame and the last one (a seek to the last key frame and the frames after
+    it): a file cut short whose header is intact (an interrupted copy of an mp4 written with its
+    index first, say) still claims every frame and would fail only when extracted.
+    """
     reader = _open(path)
     frames, fps = len(reader), float(reader.get_avg_fps())
     height, width = _first_frame(reader, path).shape[:2]
+    if frames > 1:
+        try:
+            reader[frames - 1].asnumpy()
+        except _DECODE_FAILURES as error:
+            raise VideoDecodeError(path, f"cannot decode its last frame ({frames - 1}; truncated or corrupt "
+                                         f"file?): {_first_line(error)}") from error
     return VideoInfo(frames=frames, fps=fps, duration=frames / fps, width=int(width), height=int(height))
 
 

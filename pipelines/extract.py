@@ -24,7 +24,18 @@ from pipelines.manifest import ManifestError, read_manifest, usable_videos
 STAMP_FILE = "extraction.json"
 
 
-def extraction_settings(params: PipelineParams) -> dict:
+def source_metadata(params: PipelineParams, rows: list[dict]) -> dict:
+    """With extractor.fps null the features follow each video's native rate, and nothing in the
+    extractor's metadata says what time step the model will learn: record the videos' common
+    frame rate (`source_fps`, None if they differ) so `ms-temba predict` can resample new videos
+    to it (docs/reliability.md)."""
+    if params.extractor.fps is not None:
+        return {}
+    rates = sorted({round(float(row["fps"]), 6) for row in rows if row.get("fps")})
+    return {"source_fps": rates[0] if len(rates) == 1 else None}
+
+
+def extraction_settings(params: PipelineParams, rows: list[dict] | None = None) -> dict:
     """Everything the shards' content depends on (compared with the stamp of existing shards)."""
     dataset = params.dataset
     if dataset.feature_source == "npy":
@@ -33,7 +44,7 @@ def extraction_settings(params: PipelineParams) -> dict:
     # These change how the work is spread, not the features.
     for key in ("batch_size", "chunk_frames", "device", "num_actors", "videos_per_shard"):
         settings.pop(key)
-    return {"feature_source": "videos", "extractor": settings}
+    return {"feature_source": "videos", "extractor": settings, **source_metadata(params, rows or [])}
 
 
 def prepare_output(out_dir: Path, settings: dict, log) -> None:
@@ -64,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ManifestError(f"{args.manifest} has no usable video: nothing to extract (rerun the manifest stage "
                             f"and see its report)")
     out_dir = Path(args.out)
-    prepare_output(out_dir, extraction_settings(params), log)
+    prepare_output(out_dir, extraction_settings(params, rows), log)
     log.info("%d usable videos in the manifest", len(rows))
 
     if params.dataset.feature_source == "npy":
@@ -79,8 +90,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from extractors.run import extract_videos
 
+    source = source_metadata(params, rows)
+    if source.get("source_fps", 0) is None:
+        log.warning("the videos have different frame rates and extractor.fps is null: their features have "
+                    "different time steps (set extractor.fps to sample them all at one rate)")
     summary = extract_videos({r["video_id"]: r["path"] for r in rows}, params.extractor, out_dir,
-                             ray_address=params.ray_address)
+                             ray_address=params.ray_address, extra_metadata=source)
     log.info("extraction: %s", summary)
     if summary.failed:
         log.warning("%d videos failed; they are listed in %s/failures.jsonl and left out of training",

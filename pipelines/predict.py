@@ -58,7 +58,7 @@ FAILURES_FILE = "failures.jsonl"
 # Feature metadata that may differ between training and prediction without changing the features'
 # meaning: the package version, the precision (fp16 on a GPU, fp32 on a CPU) and the weights
 # file's name (its sha256 is what identifies the weights).
-_NOT_FEATURE_DEFINING = {"package_version", "precision", "checkpoint"}
+_NOT_FEATURE_DEFINING = {"package_version", "precision", "checkpoint", "source_fps"}
 # ExtractorConfig fields that the feature metadata records and that shape the features.
 _SAMPLING_FIELDS = ("fps", "image_size", "mode", "snippet_len", "stride", "clip_window")
 
@@ -83,6 +83,7 @@ class Predictor:
     # train.normalize_features), applied to the raw extractor features before the model; None = none.
     feature_mean: torch.Tensor | None = None
     feature_std: torch.Tensor | None = None
+    checkpoint_sha256: str = ""  # identifies the model in the outputs (a rerun skips what it already did)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu") -> "Predictor":
@@ -102,7 +103,8 @@ class Predictor:
                                f"dimensions like the model's input")
         return cls(model=model, class_names=list(bundle.class_names),
                    feature_metadata={"dim": in_dim, **bundle.features}, device=torch.device(device),
-                   feature_mean=bundle.feature_mean, feature_std=bundle.feature_std)
+                   feature_mean=bundle.feature_mean, feature_std=bundle.feature_std,
+                   checkpoint_sha256=_file_sha256(path))
 
     @property
     def in_dim(self) -> int:
@@ -120,6 +122,10 @@ class Predictor:
             return
         differing = [key for key in metadata_mismatch(self.feature_metadata, metadata)
                      if key not in _NOT_FEATURE_DEFINING and key in self.feature_metadata]
+        rate = training_frame_rate(self.feature_metadata)
+        if self.feature_metadata.get("fps") is None and rate is not None and metadata.get("fps") == rate:
+            # trained at the videos' native rate, `rate`; new videos are resampled to it
+            differing = [key for key in differing if key not in ("fps", "feature_hop_s")]
         if differing:
             details = ", ".join(f"{key}: trained {self.feature_metadata.get(key)!r}, now {metadata.get(key)!r}"
                                 for key in differing)
@@ -153,8 +159,16 @@ def read_model_file(path: str | os.PathLike) -> ModelBundle:
                            f"`ms-temba convert-release`") from error
 
 
+def training_frame_rate(feature_metadata: Mapping[str, Any]) -> float | None:
+    """The frame rate the training features were sampled at: extractor.fps, or, for features at the
+    videos' native rate (fps null), the training videos' common rate the extract stage recorded
+    (`source_fps`); None when neither is known."""
+    return feature_metadata.get("fps") or feature_metadata.get("source_fps")
+
+
 def extractor_config_for(feature_metadata: Mapping[str, Any], weights: str | None = None,
-                         device: str = "auto", base: ExtractorConfig | None = None) -> ExtractorConfig:
+                         device: str = "auto", base: ExtractorConfig | None = None,
+                         fps: float | None = None) -> ExtractorConfig:
     """The ExtractorConfig that makes the features described by `feature_metadata` (the shard
     metadata recorded in the checkpoint). The metadata records the weights file only by name and
     hash, so a pretrained backbone needs its file passed as `weights` (the hash is checked after
@@ -169,6 +183,19 @@ def extractor_config_for(feature_metadata: Mapping[str, Any], weights: str | Non
         for key in _SAMPLING_FIELDS:
             if feature_metadata.get(key) is not None or key == "fps":
                 values[key] = feature_metadata.get(key)
+        if feature_metadata.get("fps") is None:
+            # Trained at the training videos' native rate: a new video at another rate would give
+            # features at another time step than the model learned. Resample it to the training rate.
+            rate = training_frame_rate(feature_metadata) or fps
+            if rate is None:
+                raise PredictError("the model was trained on features at its videos' native frame rate "
+                                   "(extractor.fps: null), which the checkpoint does not record, so new videos "
+                                   "cannot be brought to its time scale: pass --fps with the training videos' "
+                                   "frame rate, or retrain with extractor.fps set")
+            if fps is not None and fps != rate:
+                raise PredictError(f"--fps {fps} differs from the training videos' frame rate {rate} that the "
+                                   f"checkpoint records")
+            values["fps"] = float(rate)
         checkpoint = str(feature_metadata.get("checkpoint", ""))
         values["pretrained_from_hub"] = checkpoint.startswith("timm-hub:")
         if feature_metadata.get("pretrained") and weights is None and not values["pretrained_from_hub"]:
@@ -218,12 +245,16 @@ def probability_columns(class_names: list[str]) -> list[str]:
     return [f"class_{i}" for i in range(len(class_names))]
 
 
-def write_probabilities(path: Path, video: VideoFeatures, probs: np.ndarray, class_names: list[str]) -> None:
+def write_probabilities(path: Path, video: VideoFeatures, probs: np.ndarray, class_names: list[str],
+                        record: dict[str, Any] | None = None) -> None:
     columns = {"index": pa.array(np.arange(len(video), dtype=np.int32)),
                "start_s": pa.array(video.start_s), "end_s": pa.array(video.end_s)}
     for i, name in enumerate(probability_columns(class_names)):
         columns[name] = pa.array(probs[:, i].astype(np.float32))
-    table = pa.table(columns).replace_schema_metadata({CLASS_NAMES_KEY: json.dumps(class_names)})
+    metadata = {CLASS_NAMES_KEY: json.dumps(class_names)}
+    if record is not None:
+        metadata[RUN_KEY] = json.dumps(record, sort_keys=True)
+    table = pa.table(columns).replace_schema_metadata(metadata)
     write_parquet(path, table)
 
 
@@ -302,23 +333,76 @@ def plot_timeline(path: Path, video_id: str, video: VideoFeatures, probs: np.nda
 
 @dataclass
 class PredictSummary:
-    ok: list[str] = field(default_factory=list)
+    ok: list[str] = field(default_factory=list)  # predicted now or by an earlier run (`skipped`)
     failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already done by an earlier run with the same settings
 
     def __str__(self) -> str:
-        return f"{len(self.ok)} video(s) predicted, {len(self.failures)} failed"
+        done = f" ({len(self.skipped)} already done)" if self.skipped else ""
+        return f"{len(self.ok)} video(s) predicted{done}, {len(self.failures)} failed"
+
+
+# The probs file is each video's commit record: written last, and its schema metadata holds what
+# produced the video's outputs (checkpoint, segment rule, plot, input, extractor). A rerun skips a
+# video whose record matches and redoes it otherwise.
+RUN_KEY = "ms_temba.predict_run"
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _input_record(path: str | os.PathLike) -> dict[str, Any]:
+    stat = os.stat(path)
+    return {"path": os.fspath(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def run_record(predictor: Predictor, rule: SegmentRule, plot: bool, source: dict[str, Any],
+               cfg: ExtractorConfig | None = None) -> dict[str, Any]:
+    """What one video's outputs depend on (stored in its probs file)."""
+    extractor = None
+    if cfg is not None:  # how the work is spread does not change the features
+        extractor = {k: v for k, v in dataclasses.asdict(cfg).items()
+                     if k not in ("device", "batch_size", "chunk_frames", "num_actors", "videos_per_shard")}
+    return {"checkpoint_sha256": predictor.checkpoint_sha256, "rule": dataclasses.asdict(rule), "plot": plot,
+            "input": source, "extractor": extractor}
+
+
+def already_done(out_dir: Path, video_id: str, record: dict[str, Any]) -> bool:
+    """True if out_dir holds this video's complete outputs made with `record`."""
+    import pyarrow.parquet as pq
+
+    path = out_dir / f"{video_id}{PROBS_SUFFIX}"
+    if not path.is_file():
+        return False
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata.get(RUN_KEY.encode(), b"null")) == json.loads(json.dumps(record))
+    except Exception:  # unreadable: redo it
+        return False
 
 
 def predict_one(predictor: Predictor, video_id: str, video: VideoFeatures, out_dir: Path, rule: SegmentRule,
-                plot: bool) -> list[Segment]:
-    """Probabilities, segments (and the timeline with `plot`) of one video's features, written to out_dir."""
+                plot: bool, record: dict[str, Any] | None = None) -> list[Segment]:
+    """Probabilities, segments (and the timeline with `plot`) of one video's features, written to out_dir.
+
+    The outputs appear as one unit: the old probs file (the unit's commit record) goes first, each
+    file is written atomically, and the probs file, holding `record`, comes last."""
     probs = predictor.probabilities(video)
     segments = rule.apply(probs, video)
-    write_probabilities(out_dir / f"{video_id}{PROBS_SUFFIX}", video, probs, predictor.class_names)
+    probs_path = out_dir / f"{video_id}{PROBS_SUFFIX}"
+    probs_path.unlink(missing_ok=True)
     write_segments(out_dir, video_id, segment_records(segments, predictor.class_names))
     if plot:
         plot_timeline(out_dir / f"{video_id}.timeline.png", video_id, video, probs, segments,
                       predictor.class_names, rule)
+    write_probabilities(probs_path, video, probs, predictor.class_names, record)
     return segments
 
 
@@ -329,23 +413,37 @@ def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: Extract
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary()
-    if use_ray:
+    _write_failures(out_dir, [])  # every video not done is attempted again: an old record would mislead
+    records = {}
+    for video_id, path in videos.items():
+        try:
+            records[video_id] = run_record(predictor, rule, plot, _input_record(path), cfg)
+        except OSError:  # unreadable: it fails (and is recorded) when extracted
+            records[video_id] = None
+    todo = {video_id: path for video_id, path in videos.items()
+            if records[video_id] is None or not already_done(out_dir, video_id, records[video_id])}
+    summary.skipped = [video_id for video_id in videos if video_id not in todo]
+    summary.ok += summary.skipped
+    if summary.skipped:
+        log(f"{len(summary.skipped)} video(s) already done with this checkpoint and these settings: skipped")
+    if use_ray and todo:
         from extractors.run import extract_videos
 
         with tempfile.TemporaryDirectory(prefix="ms-temba-predict-") as shards_dir:
-            extraction = extract_videos(dict(videos), cfg, shards_dir, ray_address=ray_address)
+            extraction = extract_videos(dict(todo), cfg, shards_dir, ray_address=ray_address)
             log(f"extracted on Ray: {extraction}")
             store = FeatureStore(shards_dir)
             summary.failures += [_failure_record(f.get("video_id", "?"), f.get("path", "?"), f.get("error_type", "Error"),
                                                  f.get("message", "")) for f in store.failures]
+            _write_failures(out_dir, summary.failures)
             if len(store):
                 predictor.check_features(store.metadata, "the Ray extraction")
             _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in store.video_ids),
-                              predictor, out_dir, rule, plot, summary, videos, log)
-    else:
+                              predictor, out_dir, rule, plot, summary, videos, log, records)
+    elif todo:
         extractor = build_checked_extractor(predictor, cfg)
-        _predict_features(((video_id, lambda p=path: extractor.extract(p)) for video_id, path in videos.items()),
-                          predictor, out_dir, rule, plot, summary, videos, log)
+        _predict_features(((video_id, lambda p=path: extractor.extract(p)) for video_id, path in todo.items()),
+                          predictor, out_dir, rule, plot, summary, videos, log, records)
     _write_failures(out_dir, summary.failures)
     return summary
 
@@ -359,22 +457,31 @@ def predict_store(store: FeatureStore, predictor: Predictor, out_dir: str | os.P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary()
-    _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in store.video_ids),
-                      predictor, out_dir, rule, plot, summary, {}, log)
+    _write_failures(out_dir, [])
+    records = {video_id: run_record(predictor, rule, plot, {"shards": os.fspath(store.shards_dir.resolve()),
+                                                            **_input_record(store.shard_of(video_id))})
+               for video_id in store.video_ids}
+    todo = [video_id for video_id in store.video_ids if not already_done(out_dir, video_id, records[video_id])]
+    summary.skipped = [video_id for video_id in store.video_ids if video_id not in set(todo)]
+    summary.ok += summary.skipped
+    _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in todo),
+                      predictor, out_dir, rule, plot, summary, {}, log, records)
     _write_failures(out_dir, summary.failures)
     return summary
 
 
-def _predict_features(items: Iterable, predictor, out_dir, rule, plot, summary, paths, log) -> None:
+def _predict_features(items: Iterable, predictor, out_dir, rule, plot, summary, paths, log, records=None) -> None:
+    records = records or {}
     for video_id, load in items:
         try:
             video = load()
-            segments = predict_one(predictor, video_id, video, out_dir, rule, plot)
+            segments = predict_one(predictor, video_id, video, out_dir, rule, plot, records.get(video_id))
         except PredictError:
             raise  # the checkpoint does not fit: every other video would fail the same way
         except Exception as error:  # one bad video (unreadable, too short...) must not stop the rest
             summary.failures.append(_failure_record(video_id, paths.get(video_id, ""), type(error).__name__,
                                                     str(error)))
+            _write_failures(out_dir, summary.failures)  # on record as it happens, should the run be killed
             log(f"FAILED {video_id}: {type(error).__name__}: {error}")
             continue
         summary.ok.append(video_id)
@@ -437,6 +544,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--extractor-config", help="YAML of ExtractorConfig fields, for checkpoints that do not "
                                                    "record their extractor (converted release checkpoints)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--fps", type=float, default=None,
+                        help="frame rate of the training videos, for a checkpoint trained at the videos' native "
+                             "rate that does not record it (new videos are resampled to it)")
     parser.add_argument("--threshold-on", type=float, default=DEFAULT_THRESHOLD_ON)
     parser.add_argument("--threshold-off", type=float, default=DEFAULT_THRESHOLD_OFF)
     parser.add_argument("--min-duration", type=float, default=DEFAULT_MIN_DURATION_S, help="seconds")
@@ -469,7 +579,10 @@ def main(argv: list[str] | None = None) -> int:
             elif "backbone" not in predictor.feature_metadata:
                 raise PredictError(f"{args.checkpoint} does not record which extractor made its features; "
                                    f"pass --extractor-config")
-            cfg = extractor_config_for(predictor.feature_metadata, args.extractor_weights, args.device, base)
+            cfg = extractor_config_for(predictor.feature_metadata, args.extractor_weights, args.device, base,
+                                       fps=args.fps)
+            if args.fps is not None and training_frame_rate(predictor.feature_metadata) is None:
+                predictor.feature_metadata["source_fps"] = args.fps  # the user's word for the training rate
             summary = predict_videos(videos, predictor, cfg, args.out, rule, args.plot, args.ray, args.ray_address)
     except (PredictError, FileNotFoundError, ValueError) as error:
         print(f"ms-temba predict: error: {error}", file=sys.stderr)

@@ -145,12 +145,13 @@ def test_inconsistent_or_foreign_checkpoints_are_clear_errors(tmp_path):
 def test_pretrained_features_need_the_weights_file():
     from pipelines.predict import extractor_config_for
 
+    # extractor.fps null: the extract stage records the training videos' rate, and new videos are resampled to it
     metadata = {**FEATURE_METADATA, "checkpoint": "rgb_imagenet.pt", "checkpoint_sha256": "ab" * 32,
-                "pretrained": True}
+                "pretrained": True, "source_fps": 8.0}
     with pytest.raises(PredictError, match="pass that file with --extractor-weights"):
         extractor_config_for(metadata)
     cfg = extractor_config_for(metadata, weights="/weights/rgb_imagenet.pt", device="cpu")
-    assert (cfg.backbone, cfg.fps, cfg.image_size, cfg.mode, cfg.weights) == ("i3d", None, 64, "fully_conv",
+    assert (cfg.backbone, cfg.fps, cfg.image_size, cfg.mode, cfg.weights) == ("i3d", 8.0, 64, "fully_conv",
                                                                                "/weights/rgb_imagenet.pt")
 
 
@@ -291,8 +292,10 @@ def pipeline_model(root: Path, overrides: list[str]) -> tuple[dict, Path]:
     worker = ExtractionWorker(cfg.extractor)
     features = {row["video_id"]: worker.extract(row["path"]) for row in rows}
     (root / "shards").mkdir()
+    from pipelines.extract import source_metadata  # as the extract stage records it (the videos' frame rate)
+
     write_shard(root / "shards" / shard_name(0), sorted(features.items()),
-                _shard_metadata(cfg.extractor, worker.shard_metadata()))
+                {**_shard_metadata(cfg.extractor, worker.shard_metadata()), **source_metadata(cfg, rows)})
     train_stage.main(["--params", str(root / "params.yaml"), "--manifest", str(root / "manifest.parquet"),
                       "--shards", str(root / "shards"), "--checkpoints", str(root / "checkpoints"),
                       "--out", str(root / "model.pt"), "--log", str(root / "train_log.csv")])

@@ -502,3 +502,178 @@ def load_params_from(values: dict, directory: Path):
     path = directory / "params_for_fingerprint.yaml"
     path.write_text(yaml.safe_dump(values))
     return load_params(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real videos (PyAV writes them, decord reads them)
+# ----------------------------------------------------------------------------------------------
+
+def write_video(path: Path, fps: float, frames: int, size: int = 32, faststart: bool = False, seed: int = 0) -> Path:
+    """An h264 .mp4 of moving noise blocks (incompressible enough that cutting its end cuts frames)."""
+    import av
+    from fractions import Fraction
+
+    rng = np.random.default_rng(seed)
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format="mp4", options=options) as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"g": "16"}
+        for _ in range(frames):
+            image = np.repeat(np.repeat(rng.integers(0, 255, (size // 4, size // 4, 3), dtype=np.uint8), 4, 0), 4, 1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. a truncated video whose header is intact
+# ----------------------------------------------------------------------------------------------
+
+def test_a_truncated_video_with_an_intact_header_is_not_usable(tmp_path):
+    import decord
+
+    from extractors.video import VideoDecodeError, iter_frame_chunks, probe
+    from pipelines import manifest as manifest_stage
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "good_train.mp4", 8, 48)
+    write_video(videos / "good_test.mp4", 8, 48, seed=1)
+    whole = write_video(tmp_path / "whole.mp4", 8, 80, size=64, faststart=True, seed=2).read_bytes()
+    assert whole.find(b"moov") < whole.find(b"mdat")  # the index comes first, so it survives the cut
+    (videos / "cut.mp4").write_bytes(whole[:len(whole) - len(whole) // 200])  # the last 0.5 % lost
+    assert len(decord.VideoReader(str(videos / "cut.mp4"))) == 80  # the header still claims every frame
+    with pytest.raises(VideoDecodeError):  # and extraction would fail on it
+        for _ in iter_frame_chunks(videos / "cut.mp4", None, 32, 16):
+            pass
+    assert probe(tmp_path / "whole.mp4").frames == 80
+
+    annotations = {name: {"subset": subset, "duration": 6.0, "actions": [[0, 1.0, 2.0]]}
+                   for name, subset in (("good_train", "training"), ("good_test", "testing"), ("cut", "training"))}
+    (tmp_path / "annotations.json").write_text(json.dumps(annotations))
+    params = write_params(tmp_path / "params.yaml", video_dir=str(videos), annotations=str(tmp_path / "annotations.json"))
+    manifest_stage.main(["--params", str(params), "--out", str(tmp_path / "m.parquet"),
+                         "--report", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["videos"]["usable"] == 2 and report["counts"]["corrupt_video"] == 1
+    assert "last frame" in report["examples"]["corrupt_video"][0]["detail"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9, 12. predict: resumable, one unit per video, failures as they happen; the training time scale
+# ----------------------------------------------------------------------------------------------
+
+I3D_CFG = dict(backbone="i3d", weights=None, fps=None, image_size=32, mode="fully_conv", chunk_frames=64,
+               batch_size=4, device="cpu")
+
+
+def make_i3d_checkpoint(path: Path, source_fps: float | None, seed: int = 0) -> dict:
+    """A (random) model file for 1024-d random-init I3D features at the videos' native rate, as the
+    train stage writes it (`source_fps`: what the extract stage records for such features)."""
+    import dataclasses
+    import math
+
+    import torch
+
+    import ms_temba
+    from extractors.config import ExtractorConfig
+    from extractors.run import ExtractionWorker, _shard_metadata
+    from pipelines.bundle import ModelBundle, save_bundle
+
+    cfg = ExtractorConfig(**I3D_CFG)
+    features = _shard_metadata(cfg, ExtractionWorker(cfg).shard_metadata())
+    if source_fps is not None:
+        features["source_fps"] = source_fps
+    torch.manual_seed(seed)
+    model = ms_temba.create_model("ms_temba_tiny", in_dim=1024, num_classes=3).eval()
+    save_bundle(path, ModelBundle(
+        model_name="ms_temba_tiny", model_config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
+        class_names=["a", "b", "c"], features=features, dataset="test", train_params={}, selected_epoch=1,
+        val_map=math.nan, train_videos=[], val_videos=[]))
+    return features
+
+
+def predict_args(inputs, checkpoint: Path, out: Path, *extra) -> list[str]:
+    return [*map(str, inputs), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+            "--min-duration", "0", *extra]
+
+
+def test_predict_resamples_new_videos_to_the_training_time_scale(tmp_path, capsys):
+    from pipelines.predict import main as predict_main, read_probabilities
+
+    video = write_video(tmp_path / "clip25.mp4", 25, 150)  # 6 s at 25 fps; the model learned 8 fps
+    make_i3d_checkpoint(tmp_path / "model.pt", source_fps=8.0)
+    assert predict_main(predict_args([video], tmp_path / "model.pt", tmp_path / "out")) == 0
+    _, start, end, _ = read_probabilities(tmp_path / "out" / "clip25.probs.parquet")
+    # I3D fully_conv: one feature per 8 frames, at 8 fps 1 s apart (not 8 / 25 = 0.32 s)
+    np.testing.assert_allclose(np.diff(start), 1.0)
+    assert len(start) == 6
+
+    make_i3d_checkpoint(tmp_path / "unknown.pt", source_fps=None)  # an older checkpoint: refuse, say what to do
+    capsys.readouterr()
+    assert predict_main(predict_args([video], tmp_path / "unknown.pt", tmp_path / "out2")) == 2
+    assert "native frame rate" in capsys.readouterr().err and not (tmp_path / "out2" / "clip25.probs.parquet").exists()
+    assert predict_main(predict_args([video], tmp_path / "unknown.pt", tmp_path / "out2", "--fps", "8")) == 0
+    np.testing.assert_allclose(np.diff(read_probabilities(tmp_path / "out2" / "clip25.probs.parquet")[1]), 1.0)
+
+
+def test_predict_resumes_per_video_and_redoes_what_changed(tmp_path, capsys):
+    from pipelines.predict import main as predict_main
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(3):
+        write_video(folder / f"v{i}.mp4", 8, 40, seed=i)
+    make_i3d_checkpoint(tmp_path / "model.pt", source_fps=8.0)
+    out = tmp_path / "out"
+
+    def outputs():
+        return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir())}
+
+    assert predict_main(predict_args([folder], tmp_path / "model.pt", out, "--plot")) == 0
+    first = outputs()
+    assert len([n for n in first if n.endswith(".timeline.png")]) == 3
+    capsys.readouterr()
+    assert predict_main(predict_args([folder], tmp_path / "model.pt", out, "--plot")) == 0
+    assert "3 video(s) predicted (3 already done)" in capsys.readouterr().out
+    assert outputs() == first  # nothing rewritten
+
+    # A video whose unit was cut short (killed after its segments, before its probs file): redone alone.
+    (out / "v1.probs.parquet").unlink()
+    (out / "v1.timeline.png").unlink()
+    assert predict_main(predict_args([folder], tmp_path / "model.pt", out, "--plot")) == 0
+    assert "(2 already done)" in capsys.readouterr().out
+    again = outputs()
+    assert {n: b for n, (_, b) in again.items()} == {n: b for n, (_, b) in first.items()}  # the same bytes
+    assert all(again[n][0] == first[n][0] for n in first if not n.startswith("v1."))
+
+    # Other settings, another checkpoint: redone.
+    assert predict_main(predict_args([folder], tmp_path / "model.pt", out, "--plot", "--threshold-on", "0.6")) == 0
+    assert "already done" not in capsys.readouterr().out
+    make_i3d_checkpoint(tmp_path / "model.pt", source_fps=8.0, seed=1)
+    assert predict_main(predict_args([folder], tmp_path / "model.pt", out, "--plot", "--threshold-on", "0.6")) == 0
+    assert "already done" not in capsys.readouterr().out
+
+
+def test_predict_records_failures_as_they_happen(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "a_broken.mp4").write_bytes(b"\x00" * 2000)  # sorted first
+    for i in range(6):
+        write_video(folder / f"v{i}.mp4", 8, 400, seed=i)  # 50 s each: the run lasts a while
+    make_i3d_checkpoint(tmp_path / "model.pt", source_fps=8.0)
+    out = tmp_path / "out"
+    process = subprocess.Popen([PYTHON, "-m", "pipelines.cli", "predict",
+                                *predict_args([folder], tmp_path / "model.pt", out)],
+                               cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "failures.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    still_running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert still_running, "predict finished before its failure was on record"
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["video_id"] for f in failures] == ["a_broken"]
