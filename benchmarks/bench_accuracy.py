@@ -191,6 +191,35 @@ def _history(run_dir: Path) -> list[dict]:
     return checkpoint["history"]
 
 
+def plot_diagnostics(rows: list[dict], path: Path) -> None:
+    """One row of panels per trained model: the loss terms per epoch, the mean gradient norm of
+    every part of the model per epoch, and the validation mAP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(rows), 3, figsize=(15, 3.2 * len(rows)), squeeze=False, layout="constrained")
+    for (loss_axis, grad_axis, map_axis), row in zip(axes, rows):
+        epochs = [entry["epoch"] for entry in row["history"]]
+        title = f"{row['dataset']} {row['model']} {' '.join(row['overrides'])}"
+        for term in row["history"][0]["loss_terms"]:
+            loss_axis.plot(epochs, [entry["loss_terms"][term] for entry in row["history"]], label=term)
+        loss_axis.set_yscale("log")
+        loss_axis.set_title(f"{title}: loss terms", fontsize=8)
+        loss_axis.legend(fontsize=6)
+        for part in row["history"][0]["grad_norms"]:
+            grad_axis.plot(epochs, [entry["grad_norms"].get(part, np.nan) for entry in row["history"]], label=part)
+        grad_axis.set_yscale("log")
+        grad_axis.set_title("gradient norm per part (mean over steps)", fontsize=8)
+        grad_axis.legend(fontsize=5, ncol=2)
+        map_axis.plot(epochs, [entry["val_map"] for entry in row["history"]])
+        map_axis.set_title("validation mAP (%)", fontsize=8)
+        map_axis.set_xlabel("epoch")
+    figure.savefig(path, dpi=70)
+    plt.close(figure)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| dataset | model | recipe | test mAP | context-only / others | chance | parameters | train time |",
              "|---|---|---|---|---|---|---|---|"]
@@ -263,6 +292,7 @@ def main(argv=None) -> None:
                                                                "rows": results}, indent=1))
     markdown = table(results)
     (args.out / "table.md").write_text(markdown + "\n")
+    plot_diagnostics(results, args.out / "diagnostics.png")
     print(markdown)
 
 

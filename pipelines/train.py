@@ -58,14 +58,41 @@ def pick_device(name: str) -> torch.device:
     return resolve_device(name, "train.device")
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """lr multiplier at optimizer step s: linear 0 -> 1 over warmup, then cosine 1 -> 0."""
+def warmup_cosine(warmup_steps: int, total_steps: int, decay: bool = True):
+    """lr multiplier at optimizer step s: linear 0 -> 1 over warmup, then cosine 1 -> 0 (or, with
+    decay=False, constant 1)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if not decay:
+            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the weight matrices and conv kernels only. Biases, norm
+    scales and the SSM parameters (A_log, D: marked `_no_weight_decay`, mamba_ssm's convention) are
+    not decayed: decaying A_log pulls every state's decay rate to the same value."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.dim() < 2 or getattr(parameter, "_no_weight_decay", False)
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def gradient_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradients per top-level part of the model (`blocks.1`, `head`, ...)."""
+    squares: dict[str, float] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            parts = name.split(".")
+            part = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+            squares[part] = squares.get(part, 0.0) + float(parameter.grad.detach().pow(2).sum())
+    return {part: math.sqrt(value) for part, value in squares.items()}
 
 
 def class_names(path: str | None, num_classes: int) -> list[str]:
@@ -132,7 +159,7 @@ def fingerprint_difference(old: str, new: str) -> str:
 
 def write_log(path: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     write_text(path, buffer.getvalue())
@@ -179,10 +206,11 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     seed_everything(recipe.seed)
     model = ms_temba.create_model(params.model.name, in_dim=store.dim, num_classes=dataset.num_classes,
                                   **params.model.overrides).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
     steps_per_epoch = num_batches(len(train_set), recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch))
+        optimizer, warmup_cosine(recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch,
+                                 decay=recipe.schedule == "warmup_cosine"))
 
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
@@ -204,7 +232,8 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     for epoch in range(start_epoch, recipe.epochs + 1):
         started = time.perf_counter()
         model.train()
-        totals = {"loss": 0.0, "bce": 0.0}
+        totals: dict[str, float] = {}  # every term of the model's loss, summed over the epoch
+        grad_totals: dict[str, float] = {}
         batches = training_batches(train_set, recipe.batch_size, recipe.num_clips, recipe.seed, epoch)
         for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
                           leave=False):
@@ -213,17 +242,22 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
                                 beta=recipe.beta, alpha=recipe.alpha)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            for part, norm in gradient_norms(model).items():  # before clipping: what the loss asks for
+                grad_totals[part] = grad_totals.get(part, 0.0) + norm
             if recipe.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            totals["loss"] += losses["loss"].item()
-            totals["bce"] += losses["bce"].item()
+            for term, value in losses.items():
+                totals[term] = totals.get(term, 0.0) + value.item()
 
         val_map = validation_map(model, val_set, dataset.num_classes, device)
         history.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": totals["loss"] / steps_per_epoch, "train_bce": totals["bce"] / steps_per_epoch,
-                        "val_map": val_map, "seconds": round(time.perf_counter() - started, 3)})
+                        "val_map": val_map, "seconds": round(time.perf_counter() - started, 3),
+                        # not in the CSV: per-term losses and gradient norms per part (docs/accuracy.md)
+                        "loss_terms": {term: value / steps_per_epoch for term, value in totals.items()},
+                        "grad_norms": {part: value / steps_per_epoch for part, value in grad_totals.items()}})
         if val_map > best["val_map"]:  # NaN (no positives in the held-out part) never wins
             best = {"epoch": epoch, "val_map": val_map,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
