@@ -89,9 +89,10 @@ def test_malformed_entries_are_logged_not_raised():
 
 def independent_counts(raw: dict, num_classes: int) -> dict:
     """The documented rules, re-derived from the raw JSON: the first failing check of an action wins
-    (class, then end < start, which drop it); clipping checks apply to the actions kept."""
-    counts = dict.fromkeys(["no_actions", "class_out_of_range", "end_before_start", "start_before_zero",
-                            "end_after_duration"], 0)
+    (class, then end < start, then wholly outside [0, duration], which drop it); clipping checks apply
+    to the actions kept."""
+    counts = dict.fromkeys(["no_actions", "class_out_of_range", "end_before_start", "outside_video",
+                            "start_before_zero", "end_after_duration"], 0)
     for entry in raw.values():
         if not entry["actions"]:
             counts["no_actions"] += 1
@@ -100,6 +101,8 @@ def independent_counts(raw: dict, num_classes: int) -> dict:
                 counts["class_out_of_range"] += 1
             elif end < start:
                 counts["end_before_start"] += 1
+            elif end <= 0 or start >= entry["duration"]:
+                counts["outside_video"] += 1
             else:
                 counts["start_before_zero"] += start < 0
                 counts["end_after_duration"] += end > entry["duration"]
