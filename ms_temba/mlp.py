@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ms_temba.model import check_padding_mask
+from ms_temba.model import check_features
 from ms_temba.registry import register_model
 
 __all__ = ["FrameMLPConfig", "FrameMLP", "FrameOutput"]
@@ -56,10 +56,7 @@ class FrameMLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> FrameOutput:
-        if features.dim() != 3 or features.shape[-1] != self.config.in_dim:
-            raise ValueError(f"features must be (batch, time, in_dim={self.config.in_dim}), "
-                             f"got shape {tuple(features.shape)}")
-        mask = check_padding_mask(mask, features.shape[0], features.shape[1], features.device, needed_by="features")
+        mask = check_features(features, mask, self.config.in_dim)
         return FrameOutput(self.layers(features), mask)
 
 

@@ -353,6 +353,14 @@ def check_padding_mask(mask, batch: int, length: int, device, needed_by: str) ->
     return mask
 
 
+def check_features(features: torch.Tensor, mask, in_dim: int) -> torch.Tensor:
+    """The baselines' input check: features (batch, time, in_dim), and the padding mask (all True
+    when None). ValueError naming the problem."""
+    if features.dim() != 3 or features.shape[-1] != in_dim:
+        raise ValueError(f"features must be (batch, time, in_dim={in_dim}), got shape {tuple(features.shape)}")
+    return check_padding_mask(mask, features.shape[0], features.shape[1], features.device, needed_by="features")
+
+
 def _count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ms_temba.model import check_padding_mask
+from ms_temba.model import check_features
 from ms_temba.registry import register_model
 
 __all__ = ["MSTCNConfig", "MSTCN", "MSTCNOutput"]
@@ -97,10 +97,7 @@ class MSTCN(nn.Module):
             [Stage(config.in_dim if s == 0 else config.num_classes, config) for s in range(config.num_stages)])
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MSTCNOutput:
-        if features.dim() != 3 or features.shape[-1] != self.config.in_dim:
-            raise ValueError(f"features must be (batch, time, in_dim={self.config.in_dim}), "
-                             f"got shape {tuple(features.shape)}")
-        mask = check_padding_mask(mask, features.shape[0], features.shape[1], features.device, needed_by="features")
+        mask = check_features(features, mask, self.config.in_dim)
         frame_mask = mask[:, None, :].to(features.dtype)
         x = features.transpose(1, 2) * frame_mask
         stage_logits = []

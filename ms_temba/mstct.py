@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ms_temba.model import check_padding_mask
+from ms_temba.model import check_features
 from ms_temba.registry import register_model
 
 __all__ = ["MSTCTConfig", "MSTCT", "MSTCTOutput"]
@@ -271,10 +271,7 @@ class MSTCT(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MSTCTOutput:
         """features (batch, time, in_dim); mask (batch, time) bool, True = real, padding at the end."""
-        if features.dim() != 3 or features.shape[-1] != self.config.in_dim:
-            raise ValueError(f"features must be (batch, time, in_dim={self.config.in_dim}), "
-                             f"got shape {tuple(features.shape)}")
-        mask = check_padding_mask(mask, features.shape[0], features.shape[1], features.device, needed_by="features")
+        mask = check_features(features, mask, self.config.in_dim)
         x = self.dropout(features)
         stage_features, stage_masks = self.TemporalEncoder(x, mask)
         concat, concat_hm = self.Temporal_Mixer(stage_features, stage_masks)
