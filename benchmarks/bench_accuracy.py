@@ -49,6 +49,9 @@ from pipelines.annotations import IssueLog, clean_video, read_annotations  # noq
 from pipelines.labels import build_labels  # noqa: E402
 
 DATASETS = {"multithumos": 65, "charades": 157}
+# The default pipeline's own data (rendered videos -> I3D features), run after `dvc repro`: the
+# table of part 4 of the accuracy issue (does the default synthetic run tell models apart?).
+PIPELINE_DATASETS = {"synthetic": 15}
 # Seconds between features: Multi-THUMOS actions are short (median 1.9 s), Charades' long (~10 s).
 HOP_S = {"multithumos": 0.5, "charades": 1.0}
 DEFAULT_MODELS = ["ms_temba_small", "ms_tct_small", "mstcn", "mstcn_single", "mlp"]
@@ -128,15 +131,16 @@ def make_features(annotations: dict, video_ids: list[str], num_classes: int, out
 # Through the pipeline
 # ----------------------------------------------------------------------------------------------
 
-def pipeline_params(dataset: str, data_dir: Path, hop_s: float, overrides: list[str], threads: int):
+def pipeline_params(dataset: str, data_dir: Path, hop_s: float | None, overrides: list[str], threads: int):
     """PipelineParams composed from conf/ with `overrides` (as `dvc exp run -S` does), pointed at
-    the generated data."""
+    the generated data (or, for a pipeline dataset, at the pipeline's own)."""
     from pipelines.config import compose_params, parse_params
 
     values = compose_params([f"dataset={dataset}", *overrides])
-    values["dataset"].update(name=f"bench_{dataset}", video_dir=str(data_dir / "features"),
-                             annotations=str(data_dir / "annotations.json"), feature_source="npy",
-                             npy_hop_s=hop_s, class_names=None)
+    if dataset not in PIPELINE_DATASETS:
+        values["dataset"].update(name=f"bench_{dataset}", video_dir=str(data_dir / "features"),
+                                 annotations=str(data_dir / "annotations.json"), feature_source="npy",
+                                 npy_hop_s=hop_s, class_names=None)
     values["eval"].update(num_timelines=0)
     if "viewer_videos" in values["eval"]:
         values["eval"]["viewer_videos"] = 0
@@ -156,13 +160,15 @@ def prepare(dataset: str, data_dir: Path, hop_s: float, threads: int) -> None:
     import_npy(data_dir / "features", data_dir / "shards", hop_s=hop_s, show_progress=False)
 
 
-def run_row(dataset: str, data_dir: Path, hop_s: float, model: str, overrides: list[str], threads: int,
-            context: np.ndarray, log) -> dict:
+def run_row(dataset: str, data_dir: Path, hop_s: float | None, model: str, overrides: list[str], threads: int,
+            context: np.ndarray, log, runs_dir: Path) -> dict:
+    """Train and evaluate one row through the pipeline's stages; data_dir holds manifest.parquet and
+    shards/, the run's files go to runs_dir/<hash of the row>."""
     from pipelines.evaluate import evaluate
     from pipelines.train import train
 
     params = pipeline_params(dataset, data_dir, hop_s, [f"model={model}", *overrides], threads)
-    run_dir = data_dir / "runs" / hashlib.sha256(json.dumps([model, overrides]).encode()).hexdigest()[:12]
+    run_dir = runs_dir / hashlib.sha256(json.dumps([model, overrides]).encode()).hexdigest()[:12]
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train(params, data_dir / "manifest.parquet", data_dir / "shards", run_dir / "checkpoints", run_dir / "model.pt",
@@ -221,22 +227,69 @@ def plot_diagnostics(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dataset | model | recipe | test mAP | context-only / others | chance | parameters | train time |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per (dataset, model, recipe): the mean over its seeds, with the standard deviation
+    across seeds where there are several."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        recipe = " ".join(row["overrides"]) or "(default)"
-        lines.append(f"| {row['dataset']} | {row['model']} | {recipe} | {row['map']:.1f} | "
-                     f"{row['map_context']:.1f} / {row['map_other']:.1f} | {row['chance_map']:.1f} | "
-                     f"{row['parameters']:,} | {row['train_s']:.0f} s |")
+        recipe = tuple(o for o in row["overrides"] if not o.startswith("train.seed="))
+        groups.setdefault((row["dataset"], row["model"], recipe), []).append(row)
+
+    def stat(values: list[float]) -> str:
+        mean = float(np.mean(values))
+        return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {float(np.std(values, ddof=1)):.1f}"
+
+    lines = ["| dataset | model | recipe | seeds | test mAP | context-only | others | chance | parameters | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, model, recipe), group in groups.items():
+        lines.append(f"| {dataset} | {model} | {' '.join(recipe) or '(default)'} | {len(group)} | "
+                     f"{stat([r['map'] for r in group])} | {stat([r['map_context'] for r in group])} | "
+                     f"{stat([r['map_other'] for r in group])} | {group[0]['chance_map']:.1f} | "
+                     f"{group[0]['parameters']:,} | {np.mean([r['train_s'] for r in group]):.0f} s |")
     return "\n".join(lines)
+
+
+def pipeline_data(dataset: str, log) -> tuple[Path, np.ndarray]:
+    """The default pipeline's data directory (manifest.parquet, shards/) and its context classes."""
+    from extractors.synthetic import CLASSES
+
+    data_dir = ROOT / "data" / dataset
+    if not (data_dir / "manifest.parquet").is_file() or not (data_dir / "shards").is_dir():
+        raise SystemExit(f"{data_dir}/manifest.parquet and shards/ not found: run `dvc repro` first")
+    # The classes a per-frame model cannot tell apart: the label depends on what came before.
+    context = np.array([i for i, c in enumerate(CLASSES[:PIPELINE_DATASETS[dataset]])
+                        if c.name.endswith(("_cue", "_first", "_again"))])
+    log.info("%s: the pipeline's data in %s; context classes %s", dataset, data_dir, context.tolist())
+    return data_dir, context
+
+
+def generated_data(dataset: str, args, log) -> tuple[Path, float, np.ndarray]:
+    """Features generated on the dataset's real timelines, imported by the pipeline's stages."""
+    path = args.annotations / f"{dataset}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: pass --annotations DIR with {dataset}.json")
+    annotations = read_annotations(path)
+    max_train, max_test = (args.charades_videos if dataset == "charades" else (args.max_train, args.max_test))
+    max_train = args.max_train if args.max_train is not None else max_train
+    max_test = args.max_test if args.max_test is not None else max_test
+    data_dir = args.out / dataset
+    hop_s = args.hop_s or HOP_S[dataset]
+    summary = make_features(annotations, select_videos(annotations, max_train, max_test), DATASETS[dataset],
+                            data_dir, hop_s=hop_s, dim=args.dim, evidence=args.evidence,
+                            boundary=args.boundary, nuisance=args.nuisance, nuisance_tau_s=args.nuisance_tau_s,
+                            offset=args.offset, seed=args.seed)
+    log.info("%s: %s", dataset, {k: v for k, v in summary.items() if k != "context_only_classes"})
+    prepare(dataset, data_dir, hop_s, args.threads)
+    return data_dir, hop_s, np.array(summary["context_only_classes"])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--annotations", type=Path, default=SHARED_ANNOTATIONS,
                         help="folder with multithumos.json / charades.json (default ../shared/annotations)")
-    parser.add_argument("--datasets", nargs="+", default=["multithumos", "charades"], choices=sorted(DATASETS))
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--datasets", nargs="+", default=["multithumos", "charades"],
+                        choices=sorted(DATASETS) + sorted(PIPELINE_DATASETS),
+                        help="synthetic: the default pipeline's own features (run `dvc repro` first)")
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
     parser.add_argument("--rows", nargs="*", default=["ms_temba_small:train=release"],
                         help="extra rows MODEL:OVERRIDE[,OVERRIDE...] (Hydra overrides, e.g. train=release)")
     parser.add_argument("--recipe", default=[], nargs="*", help="overrides for every row (default: conf's default recipe)")
@@ -252,7 +305,9 @@ def main(argv=None) -> None:
     parser.add_argument("--nuisance", type=float, default=1.5)
     parser.add_argument("--nuisance-tau-s", type=float, default=30.0)
     parser.add_argument("--offset", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the generated data")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train.seed of each row: several seeds give the seed-to-seed spread")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = parser.parse_args(argv)
@@ -267,29 +322,21 @@ def main(argv=None) -> None:
 
     results = []
     for dataset in args.datasets:
-        path = args.annotations / f"{dataset}.json"
-        if not path.is_file():
-            raise SystemExit(f"{path} not found: pass --annotations DIR with {dataset}.json")
-        annotations = read_annotations(path)
-        max_train, max_test = (args.charades_videos if dataset == "charades" else (args.max_train, args.max_test))
-        max_train = args.max_train if args.max_train is not None else max_train
-        max_test = args.max_test if args.max_test is not None else max_test
-        data_dir = args.out / dataset
-        hop_s = args.hop_s or HOP_S[dataset]
-        summary = make_features(annotations, select_videos(annotations, max_train, max_test), DATASETS[dataset],
-                                data_dir, hop_s=hop_s, dim=args.dim, evidence=args.evidence,
-                                boundary=args.boundary, nuisance=args.nuisance, nuisance_tau_s=args.nuisance_tau_s,
-                                offset=args.offset, seed=args.seed)
-        log.info("%s: %s", dataset, {k: v for k, v in summary.items() if k != "context_only_classes"})
-        prepare(dataset, data_dir, hop_s, args.threads)
-        context = np.array(summary["context_only_classes"])
+        if dataset in PIPELINE_DATASETS:
+            data_dir, context = pipeline_data(dataset, log)
+            hop_s = None
+        else:
+            data_dir, hop_s, context = generated_data(dataset, args, log)
         for model, overrides in rows_spec:
-            row = run_row(dataset, data_dir, hop_s, model, overrides, args.threads, context, log)
-            results.append(row)
-            log.info("%s %s %s: mAP %.2f (context %.2f / others %.2f) in %.0f s", dataset, model, overrides,
-                     row["map"], row["map_context"], row["map_other"], row["train_s"])
-            (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                               "rows": results}, indent=1))
+            for seed in args.seeds:
+                row_overrides = overrides + ([f"train.seed={seed}"] if len(args.seeds) > 1 or seed else [])
+                row = run_row(dataset, data_dir, hop_s, model, row_overrides, args.threads, context, log,
+                              args.out / dataset / "runs")
+                results.append(row)
+                log.info("%s %s %s: mAP %.2f (context %.2f / others %.2f) in %.0f s", dataset, model,
+                         row_overrides, row["map"], row["map_context"], row["map_other"], row["train_s"])
+                (args.out / "results.json").write_text(json.dumps(
+                    {"args": {k: str(v) for k, v in vars(args).items()}, "rows": results}, indent=1))
     markdown = table(results)
     (args.out / "table.md").write_text(markdown + "\n")
     plot_diagnostics(results, args.out / "diagnostics.png")
