@@ -12,7 +12,7 @@ kernels in `ms_temba.ops`.
 import importlib
 
 from ms_temba.registry import create_model, list_models, model_config, register_model
-from ms_temba.model import MSTemba, MSTembaConfig, MSTembaOutput, model_summary
+from ms_temba.model import MSTemba, MSTembaConfig, MSTembaOutput, init_class_prior, model_summary
 # The baselines register themselves on import (ms_temba/mstct.py, mstcn.py, mlp.py).
 from ms_temba.mstct import MSTCT, MSTCTConfig, MSTCTOutput
 from ms_temba.mstcn import MSTCN, MSTCNConfig, MSTCNOutput
@@ -32,6 +32,7 @@ __all__ = [
     "MSTembaConfig",
     "MSTembaOutput",
     "create_model",
+    "init_class_prior",
     "list_models",
     "model_config",
     "model_summary",

@@ -55,6 +55,9 @@ class FrameMLP(nn.Module):
         layers.append(nn.Linear(width, config.num_classes))
         self.layers = nn.Sequential(*layers)
 
+    def class_heads(self) -> list[nn.Linear]:
+        return [self.layers[-1]]
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> FrameOutput:
         mask = check_features(features, mask, self.config.in_dim)
         return FrameOutput(self.layers(features), mask)

@@ -52,6 +52,7 @@ __all__ = [
     "LinearProjection",
     "TemporalLocalModule",
     "dilated_temporal_ssm",
+    "init_class_prior",
     "model_summary",
 ]
 
@@ -272,6 +273,10 @@ class MSTemba(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def class_heads(self) -> list[nn.Linear]:
+        """The layers whose outputs are class logits: the fused head and every block head."""
+        return [self.head, *self.block_heads]
+
     def projection(self, k: int) -> LinearProjection:
         """Block k's input projection (k = 1..K)."""
         return self.blocks[2 * k - 2]
@@ -359,6 +364,31 @@ def check_features(features: torch.Tensor, mask, in_dim: int) -> torch.Tensor:
     if features.dim() != 3 or features.shape[-1] != in_dim:
         raise ValueError(f"features must be (batch, time, in_dim={in_dim}), got shape {tuple(features.shape)}")
     return check_padding_mask(mask, features.shape[0], features.shape[1], features.device, needed_by="features")
+
+
+def prior_logit(prior: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """The logit whose sigmoid is `prior` (each class's base rate), clipped to [eps, 1 - eps] so
+    that a class never seen in training gets a finite bias."""
+    prior = torch.as_tensor(prior, dtype=torch.float32).clamp(eps, 1 - eps)
+    return torch.log(prior) - torch.log1p(-prior)
+
+
+@torch.no_grad()
+def init_class_prior(heads, prior: torch.Tensor) -> None:
+    """Set the bias of every class head (Linear or Conv1d with num_classes outputs) to the log-odds
+    of the classes' base rates, so that the untrained model predicts the base rate (the prior
+    initialisation of Lin et al., "Focal Loss for Dense Object Detection", Sec. 4.1).
+
+    Why: with zero biases every logit starts at sigmoid(0) = 0.5 while a dense-detection class is
+    active at a few percent of the frames, so the first hundreds of steps spend the loss's gradient
+    on pushing every logit down, through the whole network; on our accuracy benchmark this left
+    MS-Temba at chance for ~10 epochs (docs/accuracy.md)."""
+    logits = prior_logit(prior)
+    for head in heads:
+        if head.bias is None or head.bias.shape != logits.shape:
+            raise ValueError(f"a class head's bias has shape {tuple(getattr(head.bias, 'shape', ()))}, "
+                             f"the prior {tuple(logits.shape)}")
+        head.bias.copy_(logits.to(head.bias))
 
 
 def _count(module: nn.Module | None) -> int:

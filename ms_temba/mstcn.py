@@ -96,6 +96,10 @@ class MSTCN(nn.Module):
         self.stages = nn.ModuleList(
             [Stage(config.in_dim if s == 0 else config.num_classes, config) for s in range(config.num_stages)])
 
+    def class_heads(self) -> list[nn.Conv1d]:
+        """Every stage's output conv: each stage predicts the class logits."""
+        return [stage.conv_out for stage in self.stages]
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MSTCNOutput:
         mask = check_features(features, mask, self.config.in_dim)
         frame_mask = mask[:, None, :].to(features.dtype)

@@ -269,6 +269,10 @@ class MSTCT(nn.Module):
         self.Classfication_Module = Classification_Module(config.embedding_dim, config.num_classes, config.dropout)
         self.TemporalEncoder.apply(_official_init)
 
+    def class_heads(self) -> list[nn.Conv1d]:
+        """The classifier's last conv (the heatmap branch is a separate, focal-loss target)."""
+        return [self.Classfication_Module.linear_pred]
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MSTCTOutput:
         """features (batch, time, in_dim); mask (batch, time) bool, True = real, padding at the end."""
         mask = check_features(features, mask, self.config.in_dim)

@@ -138,6 +138,9 @@ class TrainParams:
     num_threads: int = 2
     device: str = "auto"
     schedule: str = "warmup_cosine"  # learning rate per step: warmup_cosine | constant (after warmup)
+    # Start every class head's bias at the log-odds of the class's share of training frames
+    # (ms_temba.init_class_prior); false = the model's own initialisation (zero biases), as released.
+    class_prior_init: bool = False
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "num_clips", "num_threads"):

@@ -205,7 +205,11 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
 
     seed_everything(recipe.seed)
     model = ms_temba.create_model(params.model.name, in_dim=store.dim, num_classes=dataset.num_classes,
-                                  **params.model.overrides).to(device)
+                                  **params.model.overrides)
+    if recipe.class_prior_init:
+        prior = np.concatenate([s.labels for s in train_set]).mean(axis=0)
+        ms_temba.init_class_prior(model.class_heads(), torch.from_numpy(prior))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
     steps_per_epoch = num_batches(len(train_set), recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -273,3 +273,28 @@ def test_each_baseline_fits_a_small_problem(name):
         optimizer.step()
         first = first if first is not None else terms["bce"].item()
     assert terms["bce"].item() < 0.25 * first
+
+
+@pytest.mark.parametrize("name", ["ms_temba_tiny", "mlp", "mstcn", "ms_tct_small"])
+def test_class_prior_init_makes_the_heads_predict_the_base_rates(name):
+    """ms_temba.init_class_prior on a model's class_heads(): with the heads' weights zeroed, every
+    frame's probabilities are the given base rates (those of a class never seen are clipped to 1e-4)."""
+    torch.manual_seed(0)
+    num_classes = 5
+    model = ms_temba.create_model(name, in_dim=16, num_classes=num_classes).eval()
+    prior = torch.tensor([0.02, 0.3, 0.0, 0.5, 0.9])
+    ms_temba.init_class_prior(model.class_heads(), prior)
+    expected_bias = np.log(np.clip(prior.double().numpy(), 1e-4, 1 - 1e-4) /
+                           (1 - np.clip(prior.double().numpy(), 1e-4, 1 - 1e-4)))
+    for head in model.class_heads():
+        np.testing.assert_allclose(head.bias.detach().double().numpy(), expected_bias, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            head.weight.zero_()
+    output = model(torch.randn(2, 12, 16))
+    every_logits = [output.logits, *getattr(output, "block_logits", [])]
+    for logits in every_logits:
+        probabilities = torch.sigmoid(logits).detach().double().numpy()
+        np.testing.assert_allclose(probabilities, np.broadcast_to(np.clip(prior.numpy(), 1e-4, 1 - 1e-4),
+                                                                  probabilities.shape), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bias has shape"):
+        ms_temba.init_class_prior(model.class_heads(), torch.full((num_classes + 1,), 0.1))

@@ -90,6 +90,16 @@ def test_repro_exp_run_metrics_diff_and_noop(repo):
             "Test detection AP per class (%, mean over tIoU)"} <= set(plots)
     assert any(key.startswith("reports/timelines/") and key.endswith(".png") for key in plots)
 
+    # The baselines through the same stages: `-S model=...` retrains and re-evaluates only, and
+    # `dvc metrics diff` compares each with the MS-Temba run of the last commit.
+    for model in ("mlp", "mstcn_single", "ms_tct_small"):
+        output = run(DVC + ["exp", "run", "-S", "experiment=tiny", "-S", f"model={model}"], repo)
+        assert "Stage 'extract' didn't change, skipping" in output
+        assert f"name: {model}\n" in (repo / "params.yaml").read_text()
+        changed = json.loads(run(DVC + ["metrics", "diff", "--json"], repo))["metrics.json"]
+        assert changed["map"]["old"] == pytest.approx(metrics["map"]) and 0 < changed["map"]["new"] <= 100
+        assert changed["num_parameters"]["new"] != changed["num_parameters"]["old"]
+
     # Nothing changed since: a second repro skips every stage and leaves the outputs alone.
     before = {name: sha256(repo / name) for name in OUTPUTS}
     output = run(DVC + ["repro"], repo)

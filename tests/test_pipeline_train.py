@@ -218,3 +218,32 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(prepared, uninterr
     output = run_training(changed, run)
     assert "belongs to another configuration" in output
     assert len(log_without_timing(run / "log.csv")) == 1 + 2  # header + the 2 epochs of the new run
+
+
+def test_class_prior_init_starts_the_heads_at_the_training_base_rates(prepared, tmp_path):
+    """train.class_prior_init: the heads' biases start at the log-odds of each class's share of the
+    training part's frames (not the validation part's). With a learning rate of 1e-12 one epoch
+    leaves them there, so the saved model shows the initial biases."""
+    from pipelines.config import parse_params
+    from pipelines.train import train
+
+    values = yaml.safe_load((prepared / "params.yaml").read_text())
+    values["train"].update(epochs=1, warmup_epochs=0, lr=1e-12, class_prior_init=True)
+    run = tmp_path / "run"
+    bundle = train(parse_params(values), prepared / "manifest.parquet", prepared / "shards", run / "checkpoints",
+                   run / "model.pt", run / "log.csv")
+    lengths = {v: len(np.load(prepared / "npy" / f"{v}.npy")) for v in bundle.train_videos}
+    annotations = json.loads((prepared / "annotations.json").read_text())
+    positives, frames = np.zeros(NUM_CLASSES), 0
+    for video_id in bundle.train_videos:  # a plain loop over the annotations, as chance_map_of
+        for t in range(lengths[video_id]):
+            frames += 1
+            for c in range(NUM_CLASSES):
+                positives[c] += any(label == c and start <= (t + 0.5) * HOP_S <= end
+                                    for label, start, end in annotations[video_id]["actions"])
+    prior = np.clip(positives / frames, 1e-4, 1 - 1e-4)
+    expected = np.log(prior / (1 - prior))
+    heads = [name for name in bundle.state_dict if name.startswith(("head.", "block_heads.")) and name.endswith("bias")]
+    assert len(heads) == 4  # ms_temba_tiny: the fused head and three block heads
+    for name in heads:
+        np.testing.assert_allclose(bundle.state_dict[name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
