@@ -293,10 +293,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", nargs="*", default=["ms_temba_small:train=release"],
                         help="extra rows MODEL:OVERRIDE[,OVERRIDE...] (Hydra overrides, e.g. train=release)")
     parser.add_argument("--recipe", default=[], nargs="*", help="overrides for every row (default: conf's default recipe)")
-    parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every row (default: the recipe's)")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="train.epochs for every row, the budget all models share (0: each recipe's own)")
     parser.add_argument("--max-train", type=int, default=None, help="at most this many training videos per dataset")
     parser.add_argument("--max-test", type=int, default=None)
-    parser.add_argument("--charades-videos", type=int, nargs=2, default=[600, 200], metavar=("TRAIN", "TEST"),
+    parser.add_argument("--charades-videos", type=int, nargs=2, default=[400, 200], metavar=("TRAIN", "TEST"),
                         help="Charades subset (its 9848 short videos would dominate the time)")
     parser.add_argument("--hop-s", type=float, default=None, help="default: 0.5 s Multi-THUMOS, 1 s Charades")
     parser.add_argument("--dim", type=int, default=256)
