@@ -40,7 +40,12 @@ def test_committed_params_yaml_is_the_composed_default():
 def test_every_dataset_composes_into_valid_params(dataset, recipe):
     params = parse_params(compose_params([f"dataset={dataset}", *recipe]))
     assert params.dataset.name == dataset
-    assert params.train.lr == 5e-4 and params.train.weight_decay == 0.01
+    if recipe:  # the release's recipe as published
+        assert params.train.lr == 5e-4 and params.train.weight_decay == 0.01 and params.train.alpha == 100
+        assert not params.train.class_prior_init
+    else:  # the default recipe (conf/train/default.yaml, docs/accuracy.md)
+        assert params.train.lr == 1e-3 and params.train.weight_decay == 0 and params.train.alpha == 0
+        assert params.train.class_prior_init and params.train.num_clips == 256
 
 
 def test_tiny_experiment_shrinks_the_synthetic_run():
