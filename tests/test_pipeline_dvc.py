@@ -75,10 +75,10 @@ def test_repro_exp_run_metrics_diff_and_noop(repo):
     git(repo, "commit", "-q", "-m", "first run")
 
     # An experiment: Hydra composes params.yaml from conf/ with the overrides, DVC re-runs what changed.
-    output = run(DVC + ["exp", "run", "-S", "experiment=tiny", "-S", "train.epochs=3", "-S", "train.lr=0.001"], repo)
+    output = run(DVC + ["exp", "run", "-S", "experiment=tiny", "-S", "train.epochs=3", "-S", "train.lr=0.003"], repo)
     assert "Stage 'extract' didn't change, skipping" in output
     params = (repo / "params.yaml").read_text()
-    assert "epochs: 3" in params and "lr: 0.001" in params and "ms_temba_tiny" in params
+    assert "epochs: 3" in params and "lr: 0.003" in params and "ms_temba_tiny" in params
     diff = json.loads(run(DVC + ["metrics", "diff", "--json"], repo))
     changed = diff["metrics.json"]
     assert changed["map"]["old"] == pytest.approx(metrics["map"])
