@@ -36,9 +36,10 @@ from timm.data import resolve_model_data_config
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from extractors.backbones import (CheckpointInfo, FeatureBatch, FeatureExtractor, FrameBuffer, file_sha256,
-                                  load_state_dict_strict, read_state_dict)
+from extractors.base import (CheckpointInfo, FeatureBatch, FeatureExtractor, FrameBuffer, load_state_dict_strict,
+                             read_state_dict)
 from extractors.config import ExtractorConfig
+from extractors.files import file_sha256
 
 
 def create_clip(model_name: str, weights: str | os.PathLike | None = None, pretrained_from_hub: bool = False,

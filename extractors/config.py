@@ -5,10 +5,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from extractors.device import DEVICE_CHOICES
+
+# The backbones by name: "module:class" of each FeatureExtractor subclass, imported only when built
+# (extractors.backbones.build_extractor), so that one backbone never imports another's dependencies.
+BACKBONES: dict[str, str] = {
+    "i3d": "extractors.i3d:I3DExtractor",
+    "clip": "extractors.clip:ClipExtractor",
+}
+
 
 @dataclass(frozen=True)
 class ExtractorConfig:
-    backbone: str = "i3d"  # "i3d" | "clip"
+    backbone: str = "i3d"  # a key of BACKBONES: "i3d" | "clip"
     weights: str | None = None  # local checkpoint path; None = timm hub name (clip, online) or random init
     model_name: str = "vit_large_patch14_clip_224.openai"  # timm name, CLIP only
     pretrained_from_hub: bool = False  # CLIP: let timm download `model_name` weights (needs internet)
@@ -25,12 +34,14 @@ class ExtractorConfig:
     videos_per_shard: int = 16
 
     def __post_init__(self) -> None:
-        if self.backbone not in ("i3d", "clip"):
-            raise ValueError(f"extractor.backbone must be 'i3d' or 'clip', got {self.backbone!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"extractor.backbone must be one of {', '.join(map(repr, BACKBONES))}, "
+                             f"got {self.backbone!r}")
         if self.mode not in ("fully_conv", "snippets"):
             raise ValueError(f"extractor.mode must be 'fully_conv' or 'snippets', got {self.mode!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"extractor.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"extractor.device must be one of {', '.join(map(repr, DEVICE_CHOICES))}, "
+                             f"got {self.device!r}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"extractor.fps must be positive or null, got {self.fps!r}")
         for name in ("image_size", "snippet_len", "stride", "clip_window", "batch_size", "chunk_frames",

@@ -54,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors.backbones import (CheckpointInfo, FeatureBatch, FeatureExtractor, FrameBuffer, batches,
-                                  ceil_to_multiple, file_sha256, load_state_dict_strict, read_state_dict)
+from extractors.base import (CheckpointInfo, FeatureBatch, FeatureExtractor, FrameBuffer, batches, ceil_to_multiple,
+                             load_state_dict_strict, read_state_dict)
 from extractors.config import ExtractorConfig
+from extractors.files import file_sha256
 
 FEATURE_DIM = 1024  # channels of Mixed_5c
 TEMPORAL_STRIDE = 8  # input frames per Mixed_5c step

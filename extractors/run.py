@@ -40,8 +40,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from extractors.config import ExtractorConfig
-from extractors.shards import (FeatureStore, VideoFeatures, iter_shard, metadata_mismatch, remove_stale_temporaries,
-                               write_failures, write_shard)
+from extractors.shards import (FeatureStore, VideoFeatures, failure_record, iter_shard, metadata_mismatch,
+                               remove_stale_temporaries, write_failures, write_shard)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 # A worker process that dies is restarted this often; the video it was working on is retried once.
@@ -147,9 +147,9 @@ def _failure(video_id: str, path: str, error: BaseException) -> dict[str, str]:
     if isinstance(error, ray.exceptions.RayTaskError):  # the task raised: report the original exception
         error = error.cause if error.cause is not None else error
     elif isinstance(error, ray.exceptions.RayActorError):
-        return {"video_id": video_id, "path": path, "error_type": "WorkerDied",
-                "message": "the worker process died while extracting this video, twice (retried once)"}
-    return {"video_id": video_id, "path": path, "error_type": type(error).__name__, "message": str(error)}
+        return failure_record(video_id, path, "WorkerDied",
+                              "the worker process died while extracting this video, twice (retried once)")
+    return failure_record(video_id, path, error)
 
 
 def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig, out_dir: str | os.PathLike,

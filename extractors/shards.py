@@ -14,15 +14,14 @@ in the file's key-value metadata:
                         to the footer when the file is closed, since the ids are known only then
 
 A shard appears under its final name only once it is complete (written under a temporary name in
-the same directory, then os.replace), so the set of shards present is the record of finished work.
-Videos that failed are listed in `failures.jsonl` next to the shards.
+the same directory, flushed to disk, then renamed: `extractors.files.atomic_path`), so the set of
+shards present is the record of finished work. Videos that failed are listed in `failures.jsonl`
+next to the shards, one `failure_record` per line (`write_failures`, also for `ms-temba predict`).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from extractors.files import atomic_path
 
 EXTRACTOR_METADATA_KEY = "ms_temba.extractor"
 VIDEO_IDS_KEY = "ms_temba.video_ids"
@@ -121,33 +122,25 @@ def write_shard(path: str | os.PathLike, items: Iterable[tuple[str, VideoFeature
         raise ValueError(f"shard metadata must be JSON-serialisable: {error}") from error
 
     schema = shard_schema(dim).with_metadata({EXTRACTOR_METADATA_KEY: extractor_json})
-    # Same directory as the target so os.replace is an atomic rename; the leading dot and the
-    # suffix keep it out of FeatureStore's "*.parquet" listing while it is being written.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     video_ids: list[str] = []
-    try:
-        with pq.ParquetWriter(temporary, schema) as writer:
-            for video_id, video in items:
-                if not isinstance(video_id, str) or not video_id:
-                    raise ValueError(f"video ids must be non-empty strings, got {video_id!r}")
-                if video_id in video_ids:
-                    raise ValueError(f"video {video_id!r} appears twice in shard {path}")
-                if not isinstance(video, VideoFeatures):
-                    raise TypeError(f"video {video_id!r}: expected VideoFeatures, got {type(video).__name__}")
-                if len(video) == 0:
-                    raise ValueError(f"video {video_id!r} has no features (T == 0); a row group needs rows")
-                if video.dim != dim:
-                    raise ValueError(f"video {video_id!r} has feature dim {video.dim}, shard metadata says {dim}")
-                table = _video_table(video_id, video, schema)
-                writer.write_table(table, row_group_size=len(table))  # exactly one row group per video
-                video_ids.append(video_id)
-            writer.add_key_value_metadata({VIDEO_IDS_KEY: json.dumps(video_ids)})
-        with open(temporary, "rb") as written:  # on disk before it gets the final name, even if the machine dies
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    # The temporary file's leading dot and suffix keep it out of FeatureStore's "*.parquet" listing;
+    # fsync: on disk before it gets the final name, even if the machine dies.
+    with atomic_path(path, fsync=True) as temporary, pq.ParquetWriter(temporary, schema) as writer:
+        for video_id, video in items:
+            if not isinstance(video_id, str) or not video_id:
+                raise ValueError(f"video ids must be non-empty strings, got {video_id!r}")
+            if video_id in video_ids:
+                raise ValueError(f"video {video_id!r} appears twice in shard {path}")
+            if not isinstance(video, VideoFeatures):
+                raise TypeError(f"video {video_id!r}: expected VideoFeatures, got {type(video).__name__}")
+            if len(video) == 0:
+                raise ValueError(f"video {video_id!r} has no features (T == 0); a row group needs rows")
+            if video.dim != dim:
+                raise ValueError(f"video {video_id!r} has feature dim {video.dim}, shard metadata says {dim}")
+            table = _video_table(video_id, video, schema)
+            writer.write_table(table, row_group_size=len(table))  # exactly one row group per video
+            video_ids.append(video_id)
+        writer.add_key_value_metadata({VIDEO_IDS_KEY: json.dumps(video_ids)})
     return len(video_ids)
 
 
@@ -199,14 +192,25 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def write_failures(shards_dir: str | os.PathLike, failures: Iterable[Mapping[str, Any]]) -> None:
-    """Replace failures.jsonl atomically (one JSON object per line: video_id, path, error_type, message)."""
-    shards_dir = Path(shards_dir)
-    with tempfile.NamedTemporaryFile("w", dir=shards_dir, prefix=f".{FAILURES_FILE}.", suffix=".tmp",
-                                     delete=False) as handle:
-        for failure in failures:
-            handle.write(json.dumps(dict(failure), sort_keys=True) + "\n")
-    os.replace(handle.name, shards_dir / FAILURES_FILE)
+def failure_record(video_id: str, path: str | os.PathLike, error: BaseException | str,
+                   message: str = "") -> dict[str, str]:
+    """One line of failures.jsonl: {"video_id", "path", "error_type", "message"}, for the exception
+    `error` (its type's name and its text), or for an error type's name `error` and its `message`."""
+    if isinstance(error, BaseException):
+        error, message = type(error).__name__, str(error)
+    return {"video_id": video_id, "path": os.fspath(path), "error_type": error, "message": message}
+
+
+def write_failures(directory: str | os.PathLike, failures: Iterable[Mapping[str, Any]]) -> None:
+    """Replace `directory`/failures.jsonl atomically with `failures` (failure_record dicts), one JSON
+    object per line; no failures remove the file (an old record would mislead)."""
+    path = Path(directory) / FAILURES_FILE
+    lines = "".join(json.dumps(dict(failure), sort_keys=True) + "\n" for failure in failures)
+    if not lines:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as temporary:
+        temporary.write_text(lines)
 
 
 class FeatureStore:

@@ -50,6 +50,8 @@ from typing import Callable
 import av
 import numpy as np
 
+from extractors.files import atomic_path
+
 # ----------------------------------------------------------------------------------------------
 # The classes: one drawing function per visual pattern
 # ----------------------------------------------------------------------------------------------
@@ -401,8 +403,7 @@ def render_frames(actions: list[Action], num_frames: int, fps: int, size: int,
 
 def write_mp4(path: Path, frames, fps: int, size: int) -> None:
     """h264/yuv420p mp4, written to a temporary name and renamed, so a crash leaves no partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
@@ -415,7 +416,6 @@ def write_mp4(path: Path, frames, fps: int, size: int) -> None:
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())  # flush the delayed frames
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,9 +476,8 @@ def _test_split(video_ids: list[str], seed: int, test_fraction: float) -> list[s
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _check_arguments(num_videos, num_classes, seed, fps, size, min_duration, max_duration, test_fraction):

@@ -5,7 +5,7 @@ The release's training script (vim/MSTemba_main.py) saves the best model with
 `module.` prefix when the model was wrapped in nn.DataParallel. Other tools wrap the same state
 dict as {"model": sd} (timm / DeiT style, which the release's `mstemba(pretrained=True)` reads) or
 {"state_dict": sd}; a few save the whole module object. `read_release_state_dict` accepts all of
-these and returns the bare state dict.
+these and returns the bare state dict (the unwrapping is `ms_temba.checkpoint.unwrap_state_dict`).
 
 Our `ms_temba_release` architecture (registry.py) uses the release's module names, so the
 conversion is a check rather than a renaming, with one exception: each of the release's
@@ -45,6 +45,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from ms_temba.checkpoint import CheckpointError, key_listing as _listing, unwrap_state_dict
 from ms_temba.model import MSTemba, MSTembaConfig
 from ms_temba.registry import create_model
 
@@ -61,12 +62,9 @@ RELEASE_MODEL_NAME = "ms_temba_release"
 # The unused 1000-way heads of the release's VisionMamba stacks: block 1's single branch
 # (`blocks.1.head`), the branches of later blocks (`blocks.3.0.head`, ...) and the fuser's stack.
 _UNUSED_HEAD = re.compile(r"^(blocks\.\d+(\.\d+)?|interaction_block)\.head\.(weight|bias)$")
-# Containers other tools wrap a state dict in, in the order they are tried.
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-_DATA_PARALLEL_PREFIX = "module."
 
 
-class ReleaseCheckpointError(ValueError):
+class ReleaseCheckpointError(CheckpointError):
     """A checkpoint that is not a loadable MS-Temba release checkpoint; the message says why."""
 
 
@@ -82,22 +80,10 @@ def read_release_state_dict(source: str | os.PathLike | Mapping | nn.Module,
     """
     if isinstance(source, (str, os.PathLike)):
         source = _load_file(Path(source), trust_pickle)
-    if isinstance(source, nn.Module):
-        source = source.state_dict()
-    if not isinstance(source, Mapping):
-        raise ReleaseCheckpointError(
-            f"expected a state dict (a mapping of parameter names to tensors), got {type(source).__name__}"
-        )
-    for key in _WRAPPER_KEYS:
-        if key in source and isinstance(source[key], (Mapping, nn.Module)):
-            return read_release_state_dict(source[key])
-    not_tensors = [key for key, value in source.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ReleaseCheckpointError(
-            f"not a state dict: entries {_listing(not_tensors)} are not tensors, and none of "
-            f"{', '.join(map(repr, _WRAPPER_KEYS))} holds one (top-level keys: {_listing(list(source))})"
-        )
-    return _strip_data_parallel_prefix(dict(source))
+    try:
+        return unwrap_state_dict(source, "the release checkpoint")
+    except CheckpointError as error:
+        raise ReleaseCheckpointError(str(error)) from None
 
 
 def convert_release_state_dict(
@@ -201,24 +187,6 @@ def _load_file(path: Path, trust_pickle: bool) -> Any:
         raise ReleaseCheckpointError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
 
 
-def _strip_data_parallel_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """nn.DataParallel / DistributedDataParallel prefix every key with `module.`; remove it."""
-    prefixed = [key.startswith(_DATA_PARALLEL_PREFIX) for key in state_dict]
-    if state_dict and all(prefixed):
-        return {key[len(_DATA_PARALLEL_PREFIX):]: value for key, value in state_dict.items()}
-    if any(prefixed):
-        mixed = [key for key, has in zip(state_dict, prefixed) if has]
-        raise ReleaseCheckpointError(
-            f"only some keys have the DataParallel prefix {_DATA_PARALLEL_PREFIX!r} (e.g. {_listing(mixed)}): "
-            f"not a state dict of one model"
-        )
-    return state_dict
-
-
 def _overrides(config: MSTembaConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(map(repr, keys[:limit]))
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

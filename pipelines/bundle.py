@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pipelines.io import atomic_path
+from extractors.files import atomic_path
 
 BUNDLE_FORMAT = 1
 

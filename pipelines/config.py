@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from extractors.config import ExtractorConfig
+from extractors.device import DEVICE_CHOICES
 
 # The Hydra tree ships with the repository (it is not package data): conf/ next to pipelines/.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,6 @@ class ConfigError(ValueError):
 
 TIME_UNITS = ("seconds", "frames")
 FEATURE_SOURCES = ("videos", "npy")
-DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("warmup_cosine", "constant")
 SEGMENT_RULES = ("hysteresis", "sweep")
 
@@ -154,7 +154,7 @@ class TrainParams:
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         if self.max_grad_norm is not None:
             _require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
-        _require_choice("train.device", self.device, DEVICES)
+        _require_choice("train.device", self.device, DEVICE_CHOICES)
         _require_choice("train.schedule", self.schedule, SCHEDULES)
 
 

@@ -37,12 +37,13 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from extractors.device import resolve_device
+from extractors.files import atomic_path
 from pipelines.bundle import load_bundle
 from pipelines.config import load_params
 from pipelines.data import Sequence, load_sequences
-from pipelines.io import atomic_path, setup_logging, write_json, write_parquet, write_text
+from pipelines.io import setup_logging, write_json, write_parquet, write_text
 from pipelines.manifest import read_manifest, usable_videos
-from pipelines.train import pick_device
 
 PREDICTIONS_SCHEMA = pa.schema([("video_id", pa.string()), ("index", pa.int32()),
                                 ("probabilities", pa.list_(pa.float32()))])
@@ -153,7 +154,7 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
 
     log = log or setup_logging("evaluate")
     torch.set_num_threads(params.train.num_threads)
-    device = pick_device(params.train.device)
+    device = resolve_device(params.train.device, "train.device")
     bundle = load_bundle(model_path)
     model = bundle.build_model(device)
     num_classes = model.config.num_classes

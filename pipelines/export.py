@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.io import atomic_path
+from extractors.files import atomic_path
 
 PICKLE_FILE = "predictions.pkl"
 FORMATS = ("pickle", "npy", "both")

@@ -34,8 +34,8 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from extractors.shards import SHARD_SUFFIX, VideoFeatures, _read_footer, remove_stale_temporaries, write_failures, \
-    write_shard
+from extractors.shards import SHARD_SUFFIX, VideoFeatures, _read_footer, failure_record, remove_stale_temporaries, \
+    write_failures, write_shard
 from pipelines.io import write_json
 
 SHARD_PATTERN = "npy-{:05d}.parquet"
@@ -192,8 +192,7 @@ def import_npy(src_dir: str | Path, out_dir: str | Path, hop_s: float, fps: floa
                 if dim is not None and features.shape[1] != dim:
                     raise ValueError(f"{path}: feature dim {features.shape[1]} differs from the other files' {dim}")
             except (OSError, ValueError) as error:
-                failures.append({"video_id": video_id, "path": os.fspath(path), "error_type": type(error).__name__,
-                                 "message": str(error)})
+                failures.append(failure_record(video_id, path, error))
                 write_failures(target, failures)  # on record as it happens, should the run be killed
                 continue
             finally:

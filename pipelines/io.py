@@ -1,29 +1,16 @@
-"""Atomic output files and the stages' logging: a killed stage never leaves a half-written output."""
+"""The stages' output files, written whole or not at all (`extractors.files.atomic_path`: a killed
+stage never leaves a half-written output), and the stages' logging."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import uuid
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success rename it to `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+from extractors.files import atomic_path
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

@@ -40,7 +40,9 @@ import pyarrow as pa
 import torch
 
 from extractors.config import ExtractorConfig
-from extractors.shards import FeatureStore, VideoFeatures, metadata_mismatch
+from extractors.device import DEVICE_CHOICES, resolve_device
+from extractors.files import file_sha256
+from extractors.shards import FeatureStore, VideoFeatures, failure_record, metadata_mismatch, write_failures
 from ms_temba.segments import Segment, probabilities_to_segments
 from pipelines.bundle import ModelBundle, load_bundle
 from pipelines.io import atomic_path, write_json, write_parquet, write_text
@@ -54,7 +56,6 @@ DEFAULT_PLOT_TOP_K = 5
 
 PROBS_SUFFIX = ".probs.parquet"
 CLASS_NAMES_KEY = "ms_temba.class_names"  # JSON list in the probs file's schema metadata
-FAILURES_FILE = "failures.jsonl"
 # Feature metadata that may differ between training and prediction without changing the features'
 # meaning: the package version, the precision (fp16 on a GPU, fp32 on a CPU) and the weights
 # file's name (its sha256 is what identifies the weights).
@@ -104,7 +105,7 @@ class Predictor:
         return cls(model=model, class_names=list(bundle.class_names),
                    feature_metadata={"dim": in_dim, **bundle.features}, device=torch.device(device),
                    feature_mean=bundle.feature_mean, feature_std=bundle.feature_std,
-                   checkpoint_sha256=_file_sha256(path))
+                   checkpoint_sha256=file_sha256(path))
 
     @property
     def in_dim(self) -> int:
@@ -348,16 +349,6 @@ class PredictSummary:
 RUN_KEY = "ms_temba.predict_run"
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _input_record(path: str | os.PathLike) -> dict[str, Any]:
     stat = os.stat(path)
     return {"path": os.fspath(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -413,7 +404,7 @@ def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: Extract
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary()
-    _write_failures(out_dir, [])  # every video not done is attempted again: an old record would mislead
+    write_failures(out_dir, [])  # every video not done is attempted again: an old record would mislead
     records = {}
     for video_id, path in videos.items():
         try:
@@ -433,9 +424,9 @@ def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: Extract
             extraction = extract_videos(dict(todo), cfg, shards_dir, ray_address=ray_address)
             log(f"extracted on Ray: {extraction}")
             store = FeatureStore(shards_dir)
-            summary.failures += [_failure_record(f.get("video_id", "?"), f.get("path", "?"), f.get("error_type", "Error"),
-                                                 f.get("message", "")) for f in store.failures]
-            _write_failures(out_dir, summary.failures)
+            summary.failures += [failure_record(f.get("video_id", "?"), f.get("path", "?"), f.get("error_type", "Error"),
+                                                f.get("message", "")) for f in store.failures]
+            write_failures(out_dir, summary.failures)
             if len(store):
                 predictor.check_features(store.metadata, "the Ray extraction")
             _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in store.video_ids),
@@ -444,7 +435,7 @@ def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: Extract
         extractor = build_checked_extractor(predictor, cfg)
         _predict_features(((video_id, lambda p=path: extractor.extract(p)) for video_id, path in todo.items()),
                           predictor, out_dir, rule, plot, summary, videos, log, records)
-    _write_failures(out_dir, summary.failures)
+    write_failures(out_dir, summary.failures)
     return summary
 
 
@@ -457,7 +448,7 @@ def predict_store(store: FeatureStore, predictor: Predictor, out_dir: str | os.P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary()
-    _write_failures(out_dir, [])
+    write_failures(out_dir, [])
     records = {video_id: run_record(predictor, rule, plot, {"shards": os.fspath(store.shards_dir.resolve()),
                                                             **_input_record(store.shard_of(video_id))})
                for video_id in store.video_ids}
@@ -466,7 +457,7 @@ def predict_store(store: FeatureStore, predictor: Predictor, out_dir: str | os.P
     summary.ok += summary.skipped
     _predict_features(((video_id, lambda v=video_id: store.get(v)) for video_id in todo),
                       predictor, out_dir, rule, plot, summary, {}, log, records)
-    _write_failures(out_dir, summary.failures)
+    write_failures(out_dir, summary.failures)
     return summary
 
 
@@ -479,25 +470,12 @@ def _predict_features(items: Iterable, predictor, out_dir, rule, plot, summary, 
         except PredictError:
             raise  # the checkpoint does not fit: every other video would fail the same way
         except Exception as error:  # one bad video (unreadable, too short...) must not stop the rest
-            summary.failures.append(_failure_record(video_id, paths.get(video_id, ""), type(error).__name__,
-                                                    str(error)))
-            _write_failures(out_dir, summary.failures)  # on record as it happens, should the run be killed
+            summary.failures.append(failure_record(video_id, paths.get(video_id, ""), error))
+            write_failures(out_dir, summary.failures)  # on record as it happens, should the run be killed
             log(f"FAILED {video_id}: {type(error).__name__}: {error}")
             continue
         summary.ok.append(video_id)
         log(f"{video_id}: {len(video)} feature frames, {len(segments)} segments")
-
-
-def _failure_record(video_id: str, path: str, error_type: str, message: str) -> dict[str, str]:
-    return {"video_id": video_id, "path": str(path), "error_type": error_type, "message": message}
-
-
-def _write_failures(out_dir: Path, failures: list[dict[str, str]]) -> None:
-    path = out_dir / FAILURES_FILE
-    if failures:
-        write_text(path, "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
-    else:
-        path.unlink(missing_ok=True)  # a stale record of an earlier run would be misleading
 
 
 def collect_videos(inputs: list[str]) -> dict[str, str]:
@@ -543,7 +521,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                                     "(required when they came from a pretrained backbone)")
     parser.add_argument("--extractor-config", help="YAML of ExtractorConfig fields, for checkpoints that do not "
                                                    "record their extractor (converted release checkpoints)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--fps", type=float, default=None,
                         help="frame rate of the training videos, for a checkpoint trained at the videos' native "
                              "rate that does not record it (new videos are resampled to it)")
@@ -563,9 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("give either videos/folders or --features SHARDS_DIR (exactly one of them)")
         rule = SegmentRule(args.threshold_on, args.threshold_off, args.min_duration, args.merge_gap)
         probabilities_to_segments(np.zeros((0, 1)), np.zeros(0), np.zeros(0), **dataclasses.asdict(rule))  # validate
-        from extractors.device import resolve_device  # the project's one resolver: a clear error without CUDA
-
-        device = str(resolve_device(args.device, "--device"))
+        device = str(resolve_device(args.device, "--device"))  # a clear error on a machine without CUDA
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.features:
             summary = predict_store(FeatureStore(args.features), predictor, args.out, rule, args.plot)

@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from extractors.device import resolve_device
+from extractors.files import atomic_path
 from pipelines.bundle import ModelBundle, save_bundle
 from pipelines.config import PipelineParams, load_params
 from pipelines.data import (Sequence, feature_statistics, load_sequences, num_batches, split_train_val, standardized,
                             training_batches)
-from pipelines.io import atomic_path, setup_logging, write_text
+from pipelines.io import setup_logging, write_text
 from pipelines.manifest import read_manifest, usable_videos
 
 CHECKPOINT_FILE = "last.pt"
@@ -48,14 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """train.device as a torch.device (extractors.device: the project's one resolver; a 'cuda' the
-    machine cannot honour is a one-line DeviceError)."""
-    from extractors.device import resolve_device
-
-    return resolve_device(name, "train.device")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, decay: bool = True):
@@ -187,7 +181,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     log = log or setup_logging("train")
     dataset, recipe = params.dataset, params.train
     torch.set_num_threads(recipe.num_threads)
-    device = pick_device(recipe.device)
+    device = resolve_device(recipe.device, "train.device")
 
     names = class_names(dataset.class_names, dataset.num_classes)
     store = FeatureStore(shards_dir)

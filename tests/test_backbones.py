@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from extractors.backbones import FrameBuffer, build_extractor, resolve_device
+from extractors.backbones import build_extractor
+from extractors.base import FrameBuffer
 from extractors.clip import ClipExtractor
 from extractors.config import ExtractorConfig
 from extractors.i3d import I3DExtractor, InceptionI3d
@@ -161,6 +162,11 @@ def test_bad_frames_are_clear_errors():
         extractor.extract_frames(random_frames(4, 8, 8), times[:3])
     with pytest.raises(ValueError, match="strictly increasing"):
         extractor.extract_frames(random_frames(4, 8, 8), times[::-1])
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device an extractor with extractor.device = name runs on."""
+    return build(i3d_config(device=name)).device
 
 
 def test_device_choice():

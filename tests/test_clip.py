@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from extractors.backbones import CheckpointError
+from extractors.base import CheckpointError
 from extractors.clip import ClipExtractor, create_clip, embedding_dim
 from extractors.config import ExtractorConfig
 

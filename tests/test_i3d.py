@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extractors.backbones import CheckpointError
+from extractors.base import CheckpointError
 from extractors.config import ExtractorConfig
 from extractors.i3d import (CONTEXT_FRAMES, FEATURE_DIM, I3DExtractor, InceptionI3d, MaxPool3dSame, Unit3D,
                             load_i3d, num_snippets, same_padding)

@@ -281,11 +281,12 @@ def test_a_manifest_without_usable_videos_fails_at_once(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_one_line_in_check_train_and_predict(tmp_path):
-    from extractors.backbones import resolve_device as extractor_device
-    from extractors.device import DeviceError, resolve_device
-    from pipelines.train import pick_device
+    from functools import partial
 
-    for resolve, setting in ((pick_device, "train.device"), (extractor_device, "extractor.device")):
+    from extractors.device import DeviceError, resolve_device
+
+    for setting in ("train.device", "extractor.device"):  # as train, evaluate and the extractors ask
+        resolve = partial(resolve_device, setting=setting)
         assert str(resolve("auto")) == "cpu"
         with pytest.raises(DeviceError, match=f"{setting} is 'cuda' but this machine cannot run CUDA"):
             resolve("cuda")

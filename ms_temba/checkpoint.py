@@ -1,0 +1,68 @@
+"""The bare state dict inside a checkpoint, however a training script saved it.
+
+Training scripts save a model's weights in several ways: a plain state dict
+(`torch.save(model.state_dict(), path)`), a state dict wrapped in a dict beside other entries
+({"model": sd, "epoch": 3} as timm / DeiT do, {"state_dict": sd, "optimizer": ...},
+{"model_state_dict": sd}), or the whole module object; and a model wrapped in nn.DataParallel /
+DistributedDataParallel prefixes every key with `module.`. `unwrap_state_dict` accepts all of these
+and returns the bare {name: tensor} mapping. It is the one implementation of that unwrapping: the
+feature extractors' checkpoints (`extractors.base.read_state_dict`) and the official release's
+(`ms_temba.convert.read_release_state_dict`) both go through it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "unwrap_state_dict", "key_listing", "WRAPPER_KEYS", "DATA_PARALLEL_PREFIX"]
+
+# Containers other tools wrap a state dict in, in the order they are tried.
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+DATA_PARALLEL_PREFIX = "module."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not hold what it should; the message says why."""
+
+
+def unwrap_state_dict(saved: Any, source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The bare state dict in `saved` (what torch.load returned, or a module): containers under
+    WRAPPER_KEYS unwrapped (nested ones too), a module replaced by its state_dict(), and the
+    DataParallel `module.` prefix removed when every key has it. `source` names the checkpoint in
+    errors. Raises CheckpointError when what remains is not a mapping of names to tensors, or when
+    only some keys carry the prefix (not the state dict of one model)."""
+    if isinstance(saved, nn.Module):
+        saved = saved.state_dict()
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{source} is not a state dict (a mapping of parameter names to tensors): "
+                              f"it holds a {type(saved).__name__}")
+    for key in WRAPPER_KEYS:
+        if key in saved and isinstance(saved[key], (Mapping, nn.Module)):
+            return unwrap_state_dict(saved[key], source)
+    not_tensors = [key for key, value in saved.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{source} is not a state dict: entries {key_listing(not_tensors)} are not tensors, and none of "
+            f"{', '.join(map(repr, WRAPPER_KEYS))} holds one (top-level keys: {key_listing(list(saved))})")
+    return _strip_data_parallel_prefix(dict(saved), source)
+
+
+def _strip_data_parallel_prefix(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """nn.DataParallel / DistributedDataParallel prefix every key with `module.`; remove it."""
+    prefixed = [key.startswith(DATA_PARALLEL_PREFIX) for key in state_dict]
+    if state_dict and all(prefixed):
+        return {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in state_dict.items()}
+    if any(prefixed):
+        mixed = [key for key, has in zip(state_dict, prefixed) if has]
+        raise CheckpointError(
+            f"{source}: only some keys have the DataParallel prefix {DATA_PARALLEL_PREFIX!r} (e.g. "
+            f"{key_listing(mixed)}): not a state dict of one model")
+    return state_dict
+
+
+def key_listing(keys: list[str], limit: int = 8) -> str:
+    """The first `limit` keys, quoted, and how many more there are (for error messages)."""
+    shown = ", ".join(map(repr, keys[:limit]))
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
