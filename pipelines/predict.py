@@ -41,11 +41,11 @@ import torch
 
 from extractors.config import ExtractorConfig
 from extractors.device import DEVICE_CHOICES, resolve_device
-from extractors.files import file_sha256
+from extractors.files import atomic_path, file_sha256
 from extractors.shards import FeatureStore, VideoFeatures, failure_record, metadata_mismatch, write_failures
 from ms_temba.segments import Segment, probabilities_to_segments
 from pipelines.bundle import ModelBundle, load_bundle
-from pipelines.io import atomic_path, write_json, write_parquet, write_text
+from pipelines.io import write_json, write_parquet, write_text
 
 # Defaults of the segment rule (docs/predict.md explains the choice).
 DEFAULT_THRESHOLD_ON = 0.5
