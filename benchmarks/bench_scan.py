@@ -8,13 +8,15 @@ at batch 1, dim 1152, state 16, float32, with torch.set_num_threads(2): `ours` (
 whose recurrence is the C++ extension) and `ours_pure_pytorch` (the same with the extension off,
 the fallback where no compiler is available), against
 
-  * `loop`: the textbook per-time-step loop differentiated by autograd, written like mamba_ssm's
+  * `loop`: the textbook per-time-step loop differentiated by autograd: the library's reference
+    `ms_temba.ops.selective_scan_ref` in float32 with unbind=False, i.e. like mamba_ssm's
     `selective_scan_ref` (precomputed exp(delta A) and delta B u indexed step by step). Indexing
     a time step makes autograd build a full-size gradient per step, so its backward is quadratic
     in the length: it is measured at lengths <= --loop-max-length (default 512) and estimated
     above that from a + b L + c L^2 fitted to those measurements (marked "~" in the table);
-  * `loop_unbind`: the same loop with `unbind` instead of indexing, which keeps its backward
-    linear: the fairest per-step autograd loop, reported for honesty alongside the textbook one;
+  * `loop_unbind`: the same reference loop over `unbind` views instead of indexing (its default),
+    which keeps its backward linear: the fairest per-step autograd loop, reported for honesty
+    alongside the textbook one;
   * `parallel`: a log-depth Blelloch scan (up-sweep / down-sweep over the length padded to a power
     of two) as a custom autograd Function whose backward is the reverse-time parallel scan, the
     way popular CPU Mamba ports (e.g. mamba.py's `pscan`) do it, with the rest of the selective
@@ -49,7 +51,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ms_temba import ops  # noqa: E402
-from ms_temba.ops import selective_scan  # noqa: E402
+from ms_temba.ops import selective_scan, selective_scan_ref  # noqa: E402
 
 BATCH, DIM, STATE = 1, 1152, 16
 TARGET_VS_LOOP, TARGET_VS_PARALLEL, TARGET_MEMORY_RATIO = 500.0, 8.0, 0.5
@@ -60,7 +62,7 @@ TARGET_VS_LOOP, TARGET_VS_PARALLEL, TARGET_MEMORY_RATIO = 500.0, 8.0, 0.5
 # ---------------------------------------------------------------------------------------------
 
 
-def _discretize(u, delta, A, B, delta_bias, delta_softplus):
+def _discretize(u, delta, A, B, delta_bias, delta_softplus):  # for the parallel scan
     """decay exp(delta A) and input delta B u, both (batch, dim, length, state)."""
     delta = delta + delta_bias[:, None]
     if delta_softplus:
@@ -76,24 +78,12 @@ def _skip_and_gate(y, u, D, z):
 
 def loop_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     """One autograd node per time step, indexing step t as mamba_ssm's `selective_scan_ref` does."""
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[2]):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    return _skip_and_gate(torch.stack(ys, dim=2), u, D, z)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype=None, unbind=False)
 
 
 def loop_unbind_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     """The same per-step loop over `unbind` views, whose backward is one node (linear time)."""
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for decay_t, drive_t, C_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(2)):
-        h = decay_t * h + drive_t
-        ys.append(torch.einsum("bdn,bn->bd", h, C_t))
-    return _skip_and_gate(torch.stack(ys, dim=2), u, D, z)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dtype=None)
 
 
 def _blelloch_scan_(decay, x):

@@ -1,8 +1,10 @@
 """Tests of the MS-Temba network (ms_temba.mamba, ms_temba.model, ms_temba.registry).
 
-The references are written independently of the code under test: a float64 per-frame loop of the
-bidirectional Mamba recurrence, and a per-video re-implementation of the MS-Temba forward pass
-that handles each dilated sub-sequence by slicing (as the release does) instead of by masking.
+The references are written independently of the code under test: the bidirectional Mamba
+recurrence in float64 on the library's per-step reference kernels (ms_temba.ops.causal_conv1d_ref
+and selective_scan_ref, plain loops that share no code with the fast paths), and a per-video
+re-implementation of the MS-Temba forward pass that handles each dilated sub-sequence by slicing
+(as the release does) instead of by masking.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 import ms_temba
 from ms_temba.mamba import BiMamba
 from ms_temba.model import MSTemba, MSTembaConfig, dilated_temporal_ssm
+from ms_temba.ops import causal_conv1d_ref, selective_scan_ref
 from shared_data import read_reference_shapes
 
 
@@ -27,34 +30,21 @@ from shared_data import read_reference_shapes
 
 
 def reference_scan_direction(x, z, conv, x_proj, dt_proj, A_log, D):
-    """One Mamba direction over a single unpadded sequence, frame by frame.
+    """One Mamba direction over a single unpadded sequence, in float64: the causal conv (+ silu),
+    the projections to delta, B and C, and the selective scan, as the per-step references compute them.
 
     x, z: (length, d_inner). Returns y (length, d_inner) and C (length, d_state).
     """
-    length, d_inner = x.shape
     d_state = A_log.shape[1]
     dt_rank = dt_proj.weight.shape[1]
-    width = conv.weight.shape[-1]
-    A = -torch.exp(A_log.double())
-    h = torch.zeros(d_inner, d_state, dtype=torch.float64)
-    ys, cs = [], []
-    for t in range(length):
-        # Causal depthwise conv: output t reads inputs t - width + 1 .. t (zeros before 0).
-        acc = conv.bias.double().clone()
-        for j in range(width):
-            s = t - (width - 1) + j
-            if s >= 0:
-                acc = acc + conv.weight[:, 0, j].double() * x[s]
-        u = acc * torch.sigmoid(acc)
-        proj = x_proj.weight.double() @ u
-        dt_low, B, C = proj[:dt_rank], proj[dt_rank:dt_rank + d_state], proj[dt_rank + d_state:]
-        delta = F.softplus(dt_proj.weight.double() @ dt_low + dt_proj.bias.double())
-        # Zero-order-hold discretisation of A, Euler for B (Mamba's choice).
-        h = torch.exp(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
-        y = h @ C + D.double() * u
-        ys.append(y * z[t] * torch.sigmoid(z[t]))
-        cs.append(C)
-    return torch.stack(ys), torch.stack(cs)
+    # Causal depthwise conv: output t reads inputs t - width + 1 .. t (zeros before 0).
+    u = causal_conv1d_ref(x.T[None], conv.weight[:, 0], conv.bias, "silu")[0].T
+    proj = u @ x_proj.weight.double().T
+    dt_low, B, C = proj.split([dt_rank, d_state, d_state], dim=-1)
+    # Zero-order-hold discretisation of A, Euler for B (Mamba's choice); delta = softplus(W dt_low + b).
+    y = selective_scan_ref(u.T[None], (dt_low @ dt_proj.weight.double().T).T[None], -torch.exp(A_log.double()),
+                           B.T[None], C.T[None], D, z.T[None], delta_bias=dt_proj.bias, delta_softplus=True)
+    return y[0].T, C
 
 
 def reference_bimamba(mixer: BiMamba, hidden):

@@ -1,11 +1,13 @@
 """ms_temba.ops against independent references.
 
-The references are written here from the recurrence's definition, step by step in float64, and
-differentiated by autograd; the implementation under test runs in float32 with its own backward.
-Every scan test runs twice (the `scan_path` fixture): through the C++ extension and through the
-pure-PyTorch fallback.
+The references are the library's own (`ops.selective_scan_ref`, `ops.causal_conv1d_ref`): the
+definitions written as plain loops, step by step in float64, sharing no code with the fast paths,
+and differentiated by autograd; the implementation under test runs in float32 with its own
+backward. Every scan test runs twice (the `scan_path` fixture): through the C++ extension and
+through the pure-PyTorch fallback.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -27,42 +29,9 @@ def scan_path(request, monkeypatch):
     return request.param
 
 
-def reference_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False):
-    """The selective scan, one time step and one group at a time, in float64.
-
-    Returns (out, last_state). Channel d of dim uses group d // (dim // groups) of B and C.
-    """
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    batch, dim, length = u.shape
-    if B.dim() == 3:
-        B, C = B.unsqueeze(1), C.unsqueeze(1)
-    groups = B.shape[1]
-    per_group = dim // groups
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        delta = torch.log1p(torch.exp(delta))
-    group_of_channel = torch.arange(dim) // per_group
-    B_per_channel = B[:, group_of_channel]  # (batch, dim, state, length)
-    C_per_channel = C[:, group_of_channel]
-    # (batch, dim, state, length): the decay exp(delta A) and the input delta B u of every step.
-    decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
-    drive = (delta * u)[:, :, None, :] * B_per_channel
-    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
-    ys = []
-    # unbind, not indexing: autograd then has one backward node for all steps rather than one
-    # full-size gradient per indexed step (quadratic in the length).
-    for decay_t, drive_t, C_t in zip(decay.unbind(-1), drive.unbind(-1), C_per_channel.unbind(-1)):
-        h = decay_t * h + drive_t
-        ys.append((h * C_t).sum(-1))
-    out = torch.stack(ys, dim=-1)
-    if D is not None:
-        out = out + D.double()[:, None] * u
-    if z is not None:
-        z = z.double()
-        out = out * z / (1 + torch.exp(-z))
-    return out, h
+def reference_selective_scan(*args, **kwargs):
+    """(out, last_state) of the float64 step-by-step reference `ops.selective_scan_ref`."""
+    return ops.selective_scan_ref(*args, **kwargs, return_last_state=True)
 
 
 def make_scan_inputs(batch, dim, state, length, groups=None, seed=0, with_D=True, with_z=True,
@@ -286,25 +255,50 @@ def test_bad_chunk_length_raises():
 
 
 # ---------------------------------------------------------------------------------------------
+# The references themselves: the definitions by hand on tiny cases, and their options
+# ---------------------------------------------------------------------------------------------
+
+
+def test_references_compute_the_definitions_by_hand():
+    # dim 1, state 1, length 2: h0 = 1 * 2 * 1 = 2, h1 = exp(-0.5) h0 + 0.5 * 1 * 2; y = C h; + D u.
+    u, delta, A = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[1.0, 0.5]]]), torch.tensor([[-1.0]])
+    B, C, D = torch.tensor([[[2.0, 1.0]]]), torch.tensor([[[1.0, 3.0]]]), torch.tensor([0.5])
+    out, last_state = ops.selective_scan_ref(u, delta, A, B, C, D, return_last_state=True)
+    h1 = 2 * math.exp(-0.5) + 1
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor([[[2.0 + 0.5, 3 * h1 + 1.0]]], dtype=torch.float64))
+    torch.testing.assert_close(last_state, torch.tensor([[[h1]]], dtype=torch.float64))
+    # out[t] = bias + w0 x[t-1] + w1 x[t], zeros before the start.
+    conv = ops.causal_conv1d_ref(torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[10.0, 1.0]]), torch.tensor([0.5]))
+    torch.testing.assert_close(conv, torch.tensor([[[1.5, 12.5, 23.5]]], dtype=torch.float64))
+
+
+def test_reference_options_agree():
+    inputs = make_scan_inputs(batch=2, dim=6, state=3, length=30, groups=2, seed=21)
+    out, last_state = reference_selective_scan(**inputs, delta_softplus=True)
+    indexed = ops.selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True, unbind=False)
+    assert torch.equal(indexed[0], out) and torch.equal(indexed[1], last_state)
+    per_step = ("u", "delta", "B", "C", "z")
+    flipped = {k: v.flip(-1) if k in per_step else v for k, v in inputs.items()}
+    backwards = ops.selective_scan_ref(**flipped, delta_softplus=True, reverse=True)
+    assert torch.equal(backwards.flip(-1), out)
+    in_float32 = ops.selective_scan_ref(**inputs, delta_softplus=True, dtype=None)
+    assert in_float32.dtype == torch.float32 and relative_error(in_float32, out) <= 1e-5
+
+    x, weight = torch.randn(2, 3, 9), torch.randn(3, 4)
+    forward = ops.causal_conv1d_ref(x.flip(-1), weight, None, "silu")
+    assert torch.equal(ops.causal_conv1d_ref(x, weight, None, "silu", reverse=True), forward.flip(-1))
+    assert ops.causal_conv1d_ref(x, weight, dtype=None).dtype == torch.float32
+    with pytest.raises(ValueError, match="activation"):
+        ops.causal_conv1d_ref(x, weight, None, "relu")
+
+
+# ---------------------------------------------------------------------------------------------
 # causal_conv1d
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_causal_conv1d(x, weight, bias, activation):
-    """Explicit loop: out[b, d, t] = bias[d] + sum_k weight[d, k] x[b, d, t - width + 1 + k]."""
-    batch, dim, length = x.shape
-    width = weight.shape[1]
-    out = torch.zeros(batch, dim, length, dtype=torch.float64)
-    for t in range(length):
-        for k in range(width):
-            source = t - (width - 1) + k
-            if source >= 0:
-                out[:, :, t] += weight[:, k].double() * x[:, :, source].double()
-    if bias is not None:
-        out += bias.double()[:, None]
-    if activation is not None:
-        out = out * torch.sigmoid(out)
-    return out
+reference_causal_conv1d = ops.causal_conv1d_ref  # explicit loop over steps and taps, in float64
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])

@@ -1,0 +1,92 @@
+"""Depthwise 1D convolution with a fast CPU backward: the TLM's dilated conv and the CPU path of
+`ms_temba.ops.causal_conv1d`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def depthwise_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dilation: int = 1,
+    padding: tuple[int, int] = (0, 0),
+    silu: bool = False,
+) -> torch.Tensor:
+    """Depthwise 1D convolution, `F.conv1d(F.pad(x, padding), weight[:, None], bias,
+    dilation=dilation, groups=dim)`, optionally followed by silu, with a backward ~8x faster on CPU.
+
+    PyTorch's CPU backward of a depthwise conv1d takes ~10x its forward (75 ms vs 7 ms at dim 1152,
+    length 2500); in MS-Temba that was a fifth of a training step. Here the kernel's few taps are
+    shifted multiply-adds over the whole sequence, forward and backward (`_DepthwiseConv1d`).
+
+    Args:
+        x: (batch, dim, length).
+        weight: (dim, width).
+        bias: optional (dim,).
+        dilation: spacing of the taps.
+        padding: zeros added (before, after) the sequence.
+        silu: apply silu to the output. The backward then recomputes the pre-activation (a few
+            multiply-adds) instead of keeping it.
+    """
+    dilation, (pad_before, pad_after) = int(dilation), (int(padding[0]), int(padding[1]))
+    if dilation < 1 or pad_before < 0 or pad_after < 0:
+        raise ValueError(f"depthwise_conv1d: need dilation >= 1 and padding >= 0, got {dilation}, "
+                         f"{padding}")
+    out_length = x.shape[-1] + pad_before + pad_after - dilation * (weight.shape[1] - 1)
+    if out_length < 1:
+        raise ValueError(f"depthwise_conv1d: a sequence of length {x.shape[-1]} is shorter than the "
+                         f"kernel's span {dilation * (weight.shape[1] - 1) + 1}")
+    if x.is_cuda:  # cuDNN's depthwise kernels are fast both ways
+        out = F.conv1d(F.pad(x, (pad_before, pad_after)), weight.unsqueeze(1), bias,
+                       dilation=dilation, groups=x.shape[1])
+        return F.silu(out) if silu else out
+    return _DepthwiseConv1d.apply(x, weight, bias, dilation, pad_before, pad_after, bool(silu))
+
+
+class _DepthwiseConv1d(torch.autograd.Function):
+    """out[:, d, t] = bias[d] + sum_k weight[d, k] x_padded[:, d, t + k dilation], one
+    `addcmul_` per tap over whole sequences; the backward is the same sums transposed."""
+
+    @staticmethod
+    def taps(x_padded, weight, bias, dilation):
+        batch, dim, padded_length = x_padded.shape
+        out_length = padded_length - dilation * (weight.shape[1] - 1)
+        out = x_padded.new_empty(batch, dim, out_length)
+        # A fresh buffer, not bias.expand(...).contiguous(): that can return the bias itself (an
+        # expanded (1, dim, 1) counts as contiguous), and addcmul_ would then write into it.
+        out.copy_(bias[:, None]) if bias is not None else out.zero_()
+        for tap in range(weight.shape[1]):
+            out.addcmul_(x_padded[..., tap * dilation:tap * dilation + out_length], weight[:, tap, None])
+        return out
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation, pad_before, pad_after, silu):
+        x_padded = F.pad(x, (pad_before, pad_after))
+        out = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
+        # x, not the padded copy: in a Mamba block x is a view of the in_proj output, which
+        # stays alive anyway (the scan keeps z, the other half of it). The backward pads again.
+        ctx.save_for_backward(x, weight, bias)
+        ctx.dilation, ctx.padding, ctx.silu = dilation, (pad_before, pad_after), silu
+        return F.silu(out) if silu else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        x_padded = F.pad(x, ctx.padding)
+        dilation, out_length = ctx.dilation, grad_out.shape[-1]
+        if ctx.silu:  # d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))
+            pre_activation = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
+            sigmoid = torch.sigmoid(pre_activation)
+            grad_out = grad_out * sigmoid * pre_activation.mul_(1 - sigmoid).add_(1)
+        grad_x_padded = torch.zeros_like(x_padded)
+        grad_weight = torch.empty_like(weight)
+        for tap in range(weight.shape[1]):
+            window = slice(tap * dilation, tap * dilation + out_length)
+            grad_x_padded[..., window].addcmul_(grad_out, weight[:, tap, None])
+            grad_weight[:, tap] = torch.einsum("bdt,bdt->d", grad_out, x_padded[..., window])
+        grad_x = grad_x_padded[..., ctx.padding[0]:ctx.padding[0] + x.shape[-1]]
+        grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
