@@ -57,10 +57,8 @@ class ModelBundle:
 
 
 def save_bundle(path: str | Path, bundle: ModelBundle) -> None:
-    # Saved through a file object: torch.save(obj, path) names the zip's top folder after the
-    # file, here the random temporary name, so the same model would give other bytes every time.
-    with atomic_path(path) as temporary, open(temporary, "wb") as file:
-        torch.save({"format": BUNDLE_FORMAT, **dataclasses.asdict(bundle)}, file)
+    with atomic_path(path) as temporary:
+        torch.save({"format": BUNDLE_FORMAT, **dataclasses.asdict(bundle)}, temporary)
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
