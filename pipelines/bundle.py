@@ -57,8 +57,10 @@ class ModelBundle:
 
 
 def save_bundle(path: str | Path, bundle: ModelBundle) -> None:
-    with atomic_path(path) as temporary:
-        torch.save({"format": BUNDLE_FORMAT, **dataclasses.asdict(bundle)}, temporary)
+    # Saved through a file object: torch.save(obj, path) names the zip's top folder after the
+    # file, here the random temporary name, so the same model would give other bytes every time.
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        torch.save({"format": BUNDLE_FORMAT, **dataclasses.asdict(bundle)}, file)
 
 
 def load_bundle(path: str | Path) -> ModelBundle:

@@ -1,10 +1,13 @@
 """The stages' output files, written whole or not at all (`extractors.files.atomic_path`: a killed
-stage never leaves a half-written output), and the stages' logging."""
+stage never leaves a half-written output, only a temporary file that its rerun removes with
+`remove_stale_temporaries_of`), and the stages' logging."""
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +29,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary)
+
+
+def remove_stale_temporaries_of(*paths: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`.<name>.<random hex>.tmp`, see atomic_path) that a writer killed
+    inside an atomic write left next to each of `paths`; returns what it removed. Call it from the
+    one process that writes these files, before it writes them."""
+    removed = []
+    for path in map(Path, paths):
+        for temporary in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if temporary.is_file():
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary)
+    return removed
 
 
 def setup_logging(stage: str) -> logging.Logger:

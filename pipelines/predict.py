@@ -19,8 +19,9 @@ checkpoint that does not fit the features (other backbone, feature dim, extracto
 `PredictError` before any video is touched.
 
 `--ray` extracts a whole folder in parallel on Ray (extractors.run.extract_videos into a temporary
-shard directory) and then runs the model over the shards; `--features DIR` skips extraction and
-predicts every video of an existing shard directory.
+shard directory in the output directory, `.ray-features.<random>.tmp`, which the next run removes
+if a killed one left it) and then runs the model over the shards; `--features DIR` skips
+extraction and predicts every video of an existing shard directory.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ import torch
 from extractors.config import ExtractorConfig
 from extractors.device import DEVICE_CHOICES, resolve_device
 from extractors.files import atomic_path, file_sha256
-from extractors.shards import FeatureStore, VideoFeatures, failure_record, metadata_mismatch, write_failures
+from extractors.shards import (FeatureStore, VideoFeatures, failure_record, metadata_mismatch,
+                               remove_stale_temporaries, write_failures)
 from ms_temba.segments import Segment, probabilities_to_segments
 from pipelines.bundle import ModelBundle, load_bundle
 from pipelines.io import write_json, write_parquet, write_text
@@ -347,6 +350,8 @@ class PredictSummary:
 # produced the video's outputs (checkpoint, segment rule, plot, input, extractor). A rerun skips a
 # video whose record matches and redoes it otherwise.
 RUN_KEY = "ms_temba.predict_run"
+# The temporary shard folder of `--ray`, in the output directory.
+RAY_FEATURES_PREFIX = ".ray-features."
 
 
 def _input_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -403,6 +408,9 @@ def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: Extract
     """Predict every video of {video_id: path}; a failing video is recorded and skipped."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # of a run killed inside a write
+    for stale in out_dir.glob(f"{RAY_FEATURES_PREFIX}*.tmp"):  # the features of a killed --ray run
+        shutil.rmtree(stale, ignore_errors=True)
     summary = PredictSummary()
     write_failures(out_dir, [])  # every video not done is attempted again: an old record would mislead
     records = {}
@@ -420,7 +428,8 @@ def predict_videos(videos: Mapping[str, str], predictor: Predictor, cfg: Extract
     if use_ray and todo:
         from extractors.run import extract_videos
 
-        with tempfile.TemporaryDirectory(prefix="ms-temba-predict-") as shards_dir:
+        # Beside the outputs, not in $TMPDIR, where a killed run's features would stay for good.
+        with tempfile.TemporaryDirectory(prefix=RAY_FEATURES_PREFIX, suffix=".tmp", dir=out_dir) as shards_dir:
             extraction = extract_videos(dict(todo), cfg, shards_dir, ray_address=ray_address)
             log(f"extracted on Ray: {extraction}")
             store = FeatureStore(shards_dir)
@@ -447,6 +456,7 @@ def predict_store(store: FeatureStore, predictor: Predictor, out_dir: str | os.P
     predictor.check_features(store.metadata, f"the feature shards in {store.shards_dir}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # of a run killed inside a write
     summary = PredictSummary()
     write_failures(out_dir, [])
     records = {video_id: run_record(predictor, rule, plot, {"shards": os.fspath(store.shards_dir.resolve()),

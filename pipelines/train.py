@@ -39,7 +39,7 @@ from pipelines.bundle import ModelBundle, save_bundle
 from pipelines.config import PipelineParams, load_params
 from pipelines.data import (Sequence, feature_statistics, load_sequences, num_batches, split_train_val, standardized,
                             training_batches)
-from pipelines.io import setup_logging, write_text
+from pipelines.io import remove_stale_temporaries_of, setup_logging, write_text
 from pipelines.manifest import read_manifest, usable_videos
 
 CHECKPOINT_FILE = "last.pt"
@@ -212,6 +212,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
 
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    remove_stale_temporaries_of(checkpoint_path, out_path, log_path)  # a run killed inside a write left them
     run_id = fingerprint(params, store.metadata, train_ids, val_ids)
     start_epoch, history, best = 1, [], {"epoch": 0, "val_map": -math.inf, "state_dict": None}
     if checkpoint_path.exists():
