@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from extractors.device import DEVICE_CHOICES
+from ms_temba.errors import ConfigFieldError
 
 # The backbones by name: "module:class" of each FeatureExtractor subclass, imported only when built
 # (extractors.backbones.build_extractor), so that one backbone never imports another's dependencies.
@@ -34,30 +35,33 @@ class ExtractorConfig:
     videos_per_shard: int = 16
 
     def __post_init__(self) -> None:
+        def reject(field: str, problem: str):
+            raise ConfigFieldError("extractor", field, problem)
+
         if self.backbone not in BACKBONES:
-            raise ValueError(f"extractor.backbone must be one of {', '.join(map(repr, BACKBONES))}, "
-                             f"got {self.backbone!r}")
+            reject("backbone", f"must be one of {', '.join(map(repr, BACKBONES))}, got {self.backbone!r}")
         if self.mode not in ("fully_conv", "snippets"):
-            raise ValueError(f"extractor.mode must be 'fully_conv' or 'snippets', got {self.mode!r}")
+            reject("mode", f"must be 'fully_conv' or 'snippets', got {self.mode!r}")
         if self.device not in DEVICE_CHOICES:
-            raise ValueError(f"extractor.device must be one of {', '.join(map(repr, DEVICE_CHOICES))}, "
-                             f"got {self.device!r}")
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"extractor.fps must be positive or null, got {self.fps!r}")
+            reject("device", f"must be one of {', '.join(map(repr, DEVICE_CHOICES))}, got {self.device!r}")
+        if self.fps is not None and (not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool)
+                                     or not self.fps > 0):
+            reject("fps", f"must be positive or null, got {self.fps!r}")
         for name in ("image_size", "snippet_len", "stride", "clip_window", "batch_size", "chunk_frames",
                      "videos_per_shard"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"extractor.{name} must be a positive integer, got {value!r}")
+                reject(name, f"must be a positive integer, got {value!r}")
         if self.num_actors is not None and (not isinstance(self.num_actors, int) or self.num_actors <= 0):
-            raise ValueError(f"extractor.num_actors must be a positive integer or null, got {self.num_actors!r}")
+            reject("num_actors", f"must be a positive integer or null, got {self.num_actors!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ExtractorConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown extractor config keys: {unknown} (known: {sorted(known)})")
+            raise ConfigFieldError("extractor", unknown[0], f"is not a field of ExtractorConfig (known: {sorted(known)})",
+                                   message=f"unknown extractor config keys: {unknown} (known: {sorted(known)})")
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ms_temba.errors import ConfigFieldError
 from ms_temba.model import check_features
 from ms_temba.registry import register_model
 
@@ -31,10 +32,10 @@ class FrameMLPConfig:
         for key in ("in_dim", "num_classes", "hidden", "depth"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-                raise ValueError(f"FrameMLPConfig.{key} must be a positive int, got {value!r}")
+                raise ConfigFieldError("FrameMLPConfig", key, f"must be a positive int, got {value!r}")
             setattr(self, key, int(value))
         if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"FrameMLPConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigFieldError("FrameMLPConfig", "dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
 
 

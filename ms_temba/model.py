@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ms_temba import ops
+from ms_temba.errors import ConfigFieldError
 from ms_temba.mamba import BiMamba, RMSNorm
 from ms_temba.registry import register_model
 
@@ -78,17 +79,15 @@ class MSTembaConfig:
         for key in positive_ints:
             setattr(self, key, _positive_int(key, getattr(self, key)))
         if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
-            raise ValueError(
-                f"MSTembaConfig.widths must be a sequence of ints, got {self.widths!r}"
-            )
+            raise ConfigFieldError("MSTembaConfig", "widths", f"must be a sequence of ints, got {self.widths!r}")
         # Tuples so that the config compares, hashes and round-trips through dataclasses.asdict.
         self.widths = tuple(_positive_int("widths", w) for w in self.widths)
         if not self.widths:
-            raise ValueError("MSTembaConfig.widths is empty: MS-Temba needs at least one block")
+            raise ConfigFieldError("MSTembaConfig", "widths", "is empty: MS-Temba needs at least one block")
         if not isinstance(self.tlm, bool):
-            raise ValueError(f"MSTembaConfig.tlm must be a bool, got {self.tlm!r}")
+            raise ConfigFieldError("MSTembaConfig", "tlm", f"must be a bool, got {self.tlm!r}")
         if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"MSTembaConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigFieldError("MSTembaConfig", "dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
 
     @property
@@ -98,7 +97,7 @@ class MSTembaConfig:
 
 def _positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"MSTembaConfig.{key} must be a positive int, got {value!r}")
+        raise ConfigFieldError("MSTembaConfig", key, f"must be a positive int, got {value!r}")
     return int(value)
 
 

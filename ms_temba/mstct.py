@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ms_temba.errors import ConfigFieldError
 from ms_temba.model import check_features
 from ms_temba.registry import register_model
 
@@ -68,21 +69,22 @@ class MSTCTConfig:
         for key in ("in_dim", "num_classes", "num_block", "num_heads", "mlp_ratio", "embedding_dim"):
             setattr(self, key, _positive_int(key, getattr(self, key)))
         if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
-            raise ValueError(f"MSTCTConfig.widths must be 4 ints, got {self.widths!r}")
+            raise ConfigFieldError("MSTCTConfig", "widths", f"must be 4 ints, got {self.widths!r}")
         self.widths = tuple(_positive_int("widths", w) for w in self.widths)
         if len(self.widths) != 4:
-            raise ValueError(f"MSTCTConfig.widths must have 4 stages, got {self.widths!r}")
+            raise ConfigFieldError("MSTCTConfig", "widths", f"must have 4 stages, got {self.widths!r}")
         for width in self.widths:
             if width % self.num_heads:
-                raise ValueError(f"MSTCTConfig.widths: {width} is not divisible by num_heads={self.num_heads}")
+                problem = f"{width} is not divisible by num_heads={self.num_heads}"
+                raise ConfigFieldError("MSTCTConfig", "widths", problem, message=f"MSTCTConfig.widths: {problem}")
         if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"MSTCTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigFieldError("MSTCTConfig", "dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
 
 
 def _positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"MSTCTConfig.{key} must be a positive int, got {value!r}")
+        raise ConfigFieldError("MSTCTConfig", key, f"must be a positive int, got {value!r}")
     return int(value)
 
 

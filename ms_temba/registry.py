@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple
 
 import torch.nn as nn
 
+from ms_temba.errors import ConfigFieldError
+
 __all__ = ["register_model", "create_model", "model_config", "model_class", "list_models"]
 
 
@@ -59,16 +61,16 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def model_config(name: str, **overrides):
-    """The config of model `name` with `overrides` replacing its fields; ValueError for an unknown
-    field (naming it and the valid ones) or a bad value (the config's own check)."""
+    """The config of model `name` with `overrides` replacing its fields; ConfigFieldError (a
+    ValueError, `.field` names the field) for an unknown field or a bad value (the config's own check)."""
     defaults = _entry(name).default_config()
     keys = [field.name for field in dataclasses.fields(defaults)]
     unknown = sorted(set(overrides) - set(keys))
     if unknown:
-        raise ValueError(
-            f"unknown {type(defaults).__name__} key(s) {', '.join(map(repr, unknown))}; "
-            f"valid keys: {', '.join(keys)}"
-        )
+        owner = type(defaults).__name__
+        raise ConfigFieldError(owner, unknown[0], f"is not a field of {owner}; valid keys: {', '.join(keys)}",
+                               message=f"unknown {owner} key(s) {', '.join(map(repr, unknown))}; "
+                                       f"valid keys: {', '.join(keys)}")
     return dataclasses.replace(defaults, **overrides)
 
 

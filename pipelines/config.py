@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from extractors.config import ExtractorConfig
+from ms_temba.errors import ConfigFieldError
 from extractors.device import DEVICE_CHOICES
 
 # The Hydra tree ships with the repository (it is not package data): conf/ next to pipelines/.
@@ -112,13 +113,11 @@ class ModelParams:
         if widths is not None:
             _require(isinstance(widths, (list, tuple)) and len(widths) > 0, "model.overrides.widths",
                      f"must be a non-empty list of block widths (K = len(widths) >= 1), got {widths!r}")
-        try:  # the config checks every value (positive ints, ...); name the key it complains about
+        try:  # the config checks every value (positive ints, ...); its error names the field
             ms_temba.model_config(self.name, **self.overrides)
-        except (TypeError, ValueError) as error:
-            message = str(error)  # "<Config>.<field> must be ..." names the field
-            field_name = message.split()[0].removeprefix(f"{config_name}.") if message.startswith(f"{config_name}.") else ""
-            key = f"model.overrides.{field_name}" if field_name in self.overrides else "model.overrides"
-            raise ConfigError(key, message) from error
+        except ConfigFieldError as error:
+            key = f"model.overrides.{error.field}" if error.field in self.overrides else "model.overrides"
+            raise ConfigError(key, str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -427,13 +426,12 @@ def _build_extractor(values: Any) -> ExtractorConfig:
     _reject_unknown(values, known, prefix="extractor.")
     hints = typing.get_type_hints(ExtractorConfig)
     values = {name: _as_number(value, hints[name]) for name, value in values.items()}
+    for name, value in values.items():
+        _check_type(f"extractor.{name}", value, hints[name])
     try:
         return ExtractorConfig.from_dict(values)
-    except (TypeError, ValueError) as error:
-        # ExtractorConfig's messages already read "extractor.<key> must be ..."; keep its key.
-        message = str(error)
-        key = message.split()[0] if message.startswith("extractor.") else "extractor"
-        raise ConfigError(key, message.removeprefix(key).strip()) from error
+    except ConfigFieldError as error:  # ExtractorConfig's own checks name the field
+        raise ConfigError(f"extractor.{error.field}", error.problem) from error
 
 
 def _check_synthetic_arguments(arguments: Mapping) -> None:

@@ -159,3 +159,36 @@ def test_cli_check_reports_the_key(tmp_path, default_params):
     assert result.returncode == 2
     assert "train.val_fraction: must be in (0, 1), got 1.5" in result.stderr
     assert load_params(PROJECT_ROOT / "params.yaml").dataset.name == "synthetic"
+
+
+@pytest.mark.parametrize("model, overrides, field, message", [
+    ("ms_temba_tiny", {"d_state": 0}, "d_state", "MSTembaConfig.d_state must be a positive int, got 0"),
+    ("ms_temba_tiny", {"widths": []}, "widths", "MSTembaConfig.widths is empty: MS-Temba needs at least one block"),
+    ("ms_tct_small", {"num_heads": 7}, "widths", "MSTCTConfig.widths: 64 is not divisible by num_heads=7"),
+    ("mstcn", {"dropout": 1.0}, "dropout", "MSTCNConfig.dropout must be in [0, 1), got 1.0"),
+    ("mlp", {"colour": "red"}, "colour", "unknown FrameMLPConfig key(s) 'colour'; valid keys: "),
+])
+def test_model_config_errors_carry_the_field(model, overrides, field, message):
+    import ms_temba
+    from ms_temba.errors import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError) as raised:
+        ms_temba.model_config(model, **overrides)
+    assert raised.value.field == field and str(raised.value).startswith(message)
+    assert isinstance(raised.value, ValueError)  # callers catching ValueError keep working
+
+
+def test_extractor_config_errors_carry_the_field():
+    from extractors.config import ExtractorConfig
+    from ms_temba.errors import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError) as raised:
+        ExtractorConfig(fps=-1.0)
+    assert (raised.value.owner, raised.value.field, raised.value.problem) == ("extractor", "fps",
+                                                                             "must be positive or null, got -1.0")
+    assert str(raised.value) == "extractor.fps must be positive or null, got -1.0"
+
+
+def test_extractor_value_of_the_wrong_type_names_the_key(default_params):
+    with pytest.raises(ConfigError, match=r"^extractor.fps: must be a number, got 'fast' \(str\)"):
+        parse_params(with_value(default_params, "extractor.fps", "fast"))
