@@ -23,7 +23,7 @@ features are generated on them, one D-dimensional feature every --hop-s seconds:
 
 Each dataset goes through the pipeline's own code: `<video>.npy` features and the real annotation
 file -> pipelines.manifest.build_manifest (feature_source npy) -> pipelines.import_npy (Parquet
-shards) -> pipelines.train.train -> pipelines.evaluate.evaluate, with the model and recipe composed
+shards) -> pipelines.training.train -> pipelines.evaluation.evaluate, with the model and recipe composed
 from conf/ exactly as `dvc exp run -S model=... -S train=...` would. Every row trains with the same
 recipe and budget (conf/train/<--recipe>, --epochs) unless the row names its own overrides. The table
 reports test per-frame mAP, mAP over the context-only classes and over the others, the parameter
@@ -44,7 +44,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pipelines  # noqa: E402,F401  (process set-up for long CPU runs)
+from pipelines.process import setup_process  # noqa: E402
+
+setup_process()  # the stages' process set-up for long CPU runs, before torch loads
+
 from pipelines.annotations import IssueLog, clean_video, read_annotations  # noqa: E402
 from pipelines.labels import build_labels  # noqa: E402
 
@@ -164,8 +167,8 @@ def run_row(dataset: str, data_dir: Path, hop_s: float | None, model: str, overr
             context: np.ndarray, log, runs_dir: Path) -> dict:
     """Train and evaluate one row through the pipeline's stages; data_dir holds manifest.parquet and
     shards/, the run's files go to runs_dir/<hash of the row>."""
-    from pipelines.evaluate import evaluate
-    from pipelines.train import train
+    from pipelines.evaluation import evaluate
+    from pipelines.training import train
 
     params = pipeline_params(dataset, data_dir, hop_s, [f"model={model}", *overrides], threads)
     run_dir = runs_dir / hashlib.sha256(json.dumps([model, overrides]).encode()).hexdigest()[:12]

@@ -34,8 +34,10 @@ THREADS = 2
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 # The pipeline stages' process settings, here for the allocator: glibc keeps large blocks in the
-# heap instead of fresh mmaps (see pipelines/__init__.py; --no-malloc-tuning measures without).
-import pipelines  # noqa: E402,F401
+# heap instead of fresh mmaps (see pipelines/process.py; --no-malloc-tuning measures without).
+from pipelines.process import setup_process  # noqa: E402
+
+setup_process()
 
 
 class TransformerDetector:
@@ -181,7 +183,7 @@ def main() -> None:
         return
 
     if args.no_malloc_tuning:
-        os.environ["MS_TEMBA_MALLOC_TUNING"] = "0"  # read by `import pipelines` in the workers
+        os.environ["MS_TEMBA_MALLOC_TUNING"] = "0"  # read by setup_process() in the workers
     tuning = os.environ.get("MS_TEMBA_MALLOC_TUNING", "1") != "0"
     print(f"# whole-model benchmark, batch 1, float32, {THREADS} threads, median of {args.repeats}, "
           f"glibc mmap threshold {'1 GiB (pipelines)' if tuning else 'default'}")

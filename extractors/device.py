@@ -14,7 +14,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 class DeviceError(ValueError):
     """A device setting this machine cannot honour; the message names the setting and the fix."""
 
-    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+    user_error = True  # one line and exit 2 from the command line (pipelines/process.py)
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -85,7 +85,7 @@ class ExtractionWorker:
         from extractors.backbones import build_extractor  # imported in the worker process
 
         # fork_rng: seed the build without changing the random state of a process that builds a
-        # worker in-process (pipelines.predict does). Weights are initialised on the CPU.
+        # worker in-process (pipelines.tools.predict does). Weights are initialised on the CPU.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             self.extractor = build_extractor(cfg)
@@ -284,20 +284,9 @@ def find_videos(source: str | os.PathLike) -> dict[str, str]:
 
 
 def load_config(config_path: str | os.PathLike | None, overrides: Sequence[str]) -> ExtractorConfig:
-    """ExtractorConfig from a YAML file (its fields at the top level or under `extractor:`) and
-    key=value overrides (values parsed as YAML: 32, null, true, 24.0)."""
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_path}: expected a mapping of ExtractorConfig fields")
-        values = dict(loaded.get("extractor", loaded))
-    for override in overrides:
-        key, separator, value = override.partition("=")
-        if not separator or not key:
-            raise ValueError(f"override {override!r} is not key=value")
-        values[key.removeprefix("extractor.")] = yaml.safe_load(value)
-    return ExtractorConfig.from_dict(values)
+    """ExtractorConfig from a YAML file in the params form (conf/extractor/i3d.yaml, or a params.yaml)
+    and key=value overrides (`fps=null`, `i3d.mode=snippets`): ExtractorConfig.from_yaml."""
+    return ExtractorConfig.from_yaml(config_path, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,7 @@ MAX_EXAMPLES_PER_REASON = 5
 class AnnotationFileError(ValueError):
     """The annotation file as a whole is unusable (missing, not JSON, not a mapping of videos)."""
 
-    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+    user_error = True  # one line and exit 2 from the command line (pipelines/process.py)
 
 
 @dataclass

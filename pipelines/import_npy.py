@@ -47,7 +47,7 @@ _SETTINGS_KEYS = ("backbone", "source_dir", "hop_s", "window_s", "fps")
 class NpyImportError(ValueError):
     """The import as a whole cannot go ahead (the message says why and what to do)."""
 
-    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+    user_error = True  # one line and exit 2 from the command line (pipelines/process.py)
 
 
 def load_npy_features(path: str | os.PathLike) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Stage `manifest`: probe every video, cross-check the annotations, write the dataset's manifest.
-
-    python -m pipelines.manifest --out data/<dataset>/manifest.parquet --report reports/manifest_report.json
+"""The dataset's manifest (data/<dataset>/manifest.parquet): probe every video, cross-check the
+annotations, tabulate; and read it back. Written by the manifest stage (pipelines.stages.manifest),
+read by extract, train and evaluate.
 
 The manifest has one row per video id seen in the annotations or in the video folder; `status` is
 "ok" for the videos the later stages use, else the reason it was left out (see
@@ -13,7 +13,6 @@ feature files, and nothing is probed.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.annotations import IssueLog, clean_video, read_annotations, seconds_per_unit
-from pipelines.config import DatasetParams, load_params
-from pipelines.io import setup_logging, write_json, write_parquet
+from pipelines.config import DatasetParams
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 NPY_SUFFIXES = (".npy",)
@@ -61,7 +59,7 @@ def list_files(directory: str | Path, suffixes: tuple[str, ...]) -> dict[str, Pa
 class ManifestError(ValueError):
     """The dataset has no usable video of a subset the later stages need."""
 
-    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+    user_error = True  # one line and exit 2 from the command line (pipelines/process.py)
 
 
 def require_usable(report: dict, dataset: DatasetParams, report_path: str | Path | None = None) -> None:
@@ -165,25 +163,3 @@ def usable_videos(manifest: pa.Table, subset: str | None = None) -> list[dict]:
     """The rows with status "ok" (optionally of one subset), sorted by video id."""
     rows = [r for r in manifest.to_pylist() if r["status"] == OK and (subset is None or r["subset"] == subset)]
     return sorted(rows, key=lambda r: r["video_id"])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", required=True, help="manifest.parquet to write")
-    parser.add_argument("--report", required=True, help="JSON report of the checks")
-    args = parser.parse_args(argv)
-    log = setup_logging("manifest")
-
-    params = load_params(args.params)
-    manifest = build_manifest(params.dataset)
-    report = manifest.report()
-    write_json(args.report, report)
-    require_usable(report, params.dataset, args.report)  # before the manifest: later stages would fail
-    write_parquet(args.out, manifest.table)
-    log.info("%d videos usable of %d rows; left out or repaired: %s", report["videos"]["usable"],
-             report["videos"]["rows"], report["counts"] or "nothing")
-
-
-if __name__ == "__main__":
-    main()

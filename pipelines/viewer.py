@@ -274,7 +274,7 @@ def write_predict_viewer(out_dir, video_ids: Iterable[str], video_paths: Mapping
     """{video}.html for each predicted video of a `ms-temba predict` output directory (from its
     {video}.probs.parquet and {video}.segments.json), with the video when its path is known, and
     index.html listing all pages of the directory."""
-    from pipelines.predict import PROBS_SUFFIX, read_probabilities
+    from pipelines.predictions import PROBS_SUFFIX, read_probabilities
 
     out_dir = Path(out_dir)
     video_paths = video_paths or {}

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pipelines import cli
+from pipelines.tools import cli
 
 
 @pytest.mark.parametrize("command, prog", [
@@ -23,7 +23,7 @@ def test_every_subcommand_has_its_own_help(command, prog, capsys):
 
 def test_delegated_command_returns_its_exit_code(tmp_path):
     # A missing checkpoint is a usage error of `predict` (exit code 2), reported on stderr.
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "pipelines.tools.cli", "predict", str(tmp_path),
                            "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True)
     assert done.returncode == 2, done.stderr

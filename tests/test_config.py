@@ -154,7 +154,7 @@ def test_npy_source_needs_a_hop(default_params):
 def test_cli_check_reports_the_key(tmp_path, default_params):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(with_value(default_params, "train.val_fraction", 1.5)))
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "--params", str(path)],
+    result = subprocess.run([sys.executable, "-m", "pipelines.tools.cli", "check", "--params", str(path)],
                             capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 2
     assert "train.val_fraction: must be in (0, 1), got 1.5" in result.stderr

@@ -1,5 +1,5 @@
 """ActivityNet-format exports and imports (pipelines/detections.py: `ms-temba export`, `ms-temba
-score`) and the evaluate stage's detection metrics (pipelines.evaluate.detection_metrics)."""
+score`) and the evaluate stage's detection metrics (pipelines.evaluation.detection_metrics)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 
 from extractors.shards import VideoFeatures
 from ms_temba.segments import Segment, probabilities_to_segments
-from pipelines import cli
+from pipelines.tools import cli
 from pipelines.config import EvalParams
 from pipelines.detections import (
     DetectionFormatError,
@@ -20,8 +20,8 @@ from pipelines.detections import (
     score_detections,
     write_results,
 )
-from pipelines.evaluate import detection_metrics, ground_truth_actions, write_detection_reports
-from pipelines.predict import write_probabilities
+from pipelines.evaluation import detection_metrics, ground_truth_actions, write_detection_reports
+from pipelines.predictions import write_probabilities
 
 NAMES = ["walk", "run", "jump"]
 

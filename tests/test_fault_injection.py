@@ -7,7 +7,7 @@ the killed one left; a last run goes to the end. It must finish, leave no tempor
 outputs and in its TMPDIR), and its outputs must be byte-identical to the reference (where an output
 embeds timings, its deterministic content is compared instead; each place says why).
 
-Every run is a real subprocess (`python -m pipelines.<stage>`, or `python -m pipelines.cli`, the
+Every run is a real subprocess (`python -m pipelines.stages.<stage>`, or `python -m pipelines.tools.cli`, the
 `ms-temba` command) in a session of its own; a kill is SIGKILL to its whole process group (for
 `extract`: the driver and the Ray GCS, raylet, dashboard and agents it started). Every run gets a
 private TMPDIR / RAY_TMPDIR and a marker in its environment, which every process it starts
@@ -251,7 +251,7 @@ def assert_some_kills_interrupted(outcomes: list[Outcome], at_least: int) -> Non
 def data(tmp_path_factory) -> Path:
     """Synthetic videos, params.yaml (tiny model, 32 x 32 I3D, one video per shard) and the manifest."""
     from extractors.synthetic import make_dataset
-    from pipelines import manifest as manifest_stage
+    from pipelines.stages import manifest as manifest_stage
 
     root = tmp_path_factory.mktemp("data")
     make_dataset(root / "generated", num_videos=8, num_classes=NUM_CLASSES, seed=0, fps=8, size=32,
@@ -290,7 +290,7 @@ def points_for(name: str, duration_s: float, triggers: list[tuple[str, float]]) 
 # ----------------------------------------------------------------------------------------------
 
 def extract_command(data: Path, out: Path) -> list[str]:
-    return [PYTHON, "-m", "pipelines.extract", "--params", str(data / "params.yaml"),
+    return [PYTHON, "-m", "pipelines.stages.extract", "--params", str(data / "params.yaml"),
             "--manifest", str(data / "manifest.parquet"), "--out", str(out)]
 
 
@@ -325,7 +325,7 @@ def test_extract_on_ray_killed_anywhere_resumes_to_the_same_shards(data, referen
 # ----------------------------------------------------------------------------------------------
 
 def import_command(src: Path, out: Path, hop_s: float) -> list[str]:
-    return [PYTHON, "-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(out),
+    return [PYTHON, "-m", "pipelines.tools.cli", "import-npy", "--src", str(src), "--out", str(out),
             "--hop-s", str(hop_s), "--videos-per-shard", "2"]
 
 
@@ -372,7 +372,7 @@ def test_import_npy_killed_anywhere_resumes_to_the_same_store(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def train_command(data: Path, shards: Path, run: Path) -> list[str]:
-    return [PYTHON, "-m", "pipelines.train", "--params", str(data / "params.yaml"),
+    return [PYTHON, "-m", "pipelines.stages.train", "--params", str(data / "params.yaml"),
             "--manifest", str(data / "manifest.parquet"), "--shards", str(shards),
             "--checkpoints", str(run / "models" / "checkpoints"), "--out", str(run / "models" / "model.pt"),
             "--log", str(run / "reports" / "train_log.csv")]
@@ -449,7 +449,7 @@ def test_train_killed_anywhere_resumes_to_the_same_model(data, reference_extract
 # ----------------------------------------------------------------------------------------------
 
 def predict_command(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return [PYTHON, "-m", "pipelines.cli", "predict", str(data / "generated" / "videos"), str(data / "broken.mp4"),
+    return [PYTHON, "-m", "pipelines.tools.cli", "predict", str(data / "generated" / "videos"), str(data / "broken.mp4"),
             "--checkpoint", str(model), "--out", str(out), "--device", "cpu", "--plot", "--html", *extra]
 
 

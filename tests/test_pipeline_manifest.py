@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from extractors.shards import FeatureStore
-from pipelines import manifest as manifest_stage
+from pipelines.stages import manifest as manifest_stage
 from pipelines.config import compose_params
 from pipelines.import_npy import import_npy
 

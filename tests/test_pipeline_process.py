@@ -1,4 +1,4 @@
-"""The process settings that `import pipelines` makes for the stages (pipelines/__init__.py)."""
+"""The process settings that the entry points make (pipelines.process.setup_process)."""
 
 import json
 import os
@@ -14,7 +14,8 @@ import pytest
 _SCRIPT = textwrap.dedent("""
     import json, resource, sys
     if sys.argv[1] == "pipelines":
-        import pipelines  # noqa: F401
+        from pipelines.process import setup_process
+        setup_process()
     import torch
     x = torch.randn(12 * 2**20)
     (x * 2 + 1).exp().sum()

@@ -19,12 +19,12 @@ import pytest
 import torch
 import yaml
 
-from pipelines import extract as extract_stage
-from pipelines import manifest as manifest_stage
+from pipelines.stages import extract as extract_stage
+from pipelines.stages import manifest as manifest_stage
 from pipelines.bundle import load_bundle
 from pipelines.config import PROJECT_ROOT, compose_params
 from pipelines.data import Sequence, split_train_val, training_batches
-from pipelines.train import warmup_cosine
+from pipelines.training import warmup_cosine
 
 NUM_CLASSES, DIM, HOP_S, EPOCHS = 4, 16, 0.5, 4
 
@@ -121,7 +121,7 @@ def prepared(tmp_path_factory):
 
 
 def train_command(data, run):
-    return [sys.executable, "-m", "pipelines.train", "--params", str(data / "params.yaml"),
+    return [sys.executable, "-m", "pipelines.stages.train", "--params", str(data / "params.yaml"),
             "--manifest", str(data / "manifest.parquet"), "--shards", str(data / "shards"),
             "--checkpoints", str(run / "checkpoints"), "--out", str(run / "model.pt"), "--log", str(run / "log.csv")]
 
@@ -225,7 +225,7 @@ def test_class_prior_init_starts_the_heads_at_the_training_base_rates(prepared, 
     training part's frames (not the validation part's). With a learning rate of 1e-12 one epoch
     leaves them there, so the saved model shows the initial biases."""
     from pipelines.config import parse_params
-    from pipelines.train import train
+    from pipelines.training import train
 
     values = yaml.safe_load((prepared / "params.yaml").read_text())
     values["train"].update(epochs=1, warmup_epochs=0, lr=1e-12, class_prior_init=True)

@@ -1,4 +1,4 @@
-"""`ms-temba predict`, `export-mstct` and `convert-release` (pipelines/predict.py, pipelines/export.py).
+"""`ms-temba predict`, `export-mstct` and `convert-release` (pipelines/tools/predict.py, export.py, convert_release.py).
 
 Fast tests drive the commands on feature shards written here; the slow end-to-end test renders
 synthetic videos, extracts I3D features, trains the tiny model, and checks that predict finds the
@@ -22,8 +22,9 @@ import yaml
 import ms_temba
 from extractors.shards import VideoFeatures, write_shard
 from pipelines.bundle import ModelBundle, load_bundle, save_bundle
-from pipelines.export import convert_release, convert_release_main, export_main, export_mstct, read_predictions
-from pipelines.predict import PredictError, Predictor, main as predict_main, read_probabilities
+from pipelines.tools.convert_release import convert_release, convert_release_main
+from pipelines.tools.export import export_main, export_mstct, read_predictions
+from pipelines.tools.predict import PredictError, Predictor, main as predict_main, read_probabilities
 
 IN_DIM, CLASSES = 16, 4
 CLASS_NAMES = ["walk", "run", "jump", "sit"]
@@ -125,7 +126,7 @@ def test_shards_of_another_extractor_are_refused(tmp_path):
     make_shards(tmp_path / "shards", metadata={**FEATURE_METADATA, "image_size": 224, "fps": 24.0})
     predictor = Predictor.from_checkpoint(tmp_path / "model.pt")
     from extractors.shards import FeatureStore
-    from pipelines.predict import predict_store
+    from pipelines.tools.predict import predict_store
 
     with pytest.raises(PredictError, match=r"fps: trained None, now 24\.0.*image_size: trained 64, now 224"):
         predict_store(FeatureStore(tmp_path / "shards"), predictor, tmp_path / "out")
@@ -143,7 +144,7 @@ def test_inconsistent_or_foreign_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_pretrained_features_need_the_weights_file():
-    from pipelines.predict import extractor_config_for
+    from pipelines.tools.predict import extractor_config_for
 
     # extractor.fps null: the extract stage records the training videos' rate, and new videos are resampled to it
     metadata = {**FEATURE_METADATA, "checkpoint": "rgb_imagenet.pt", "checkpoint_sha256": "ab" * 32,
@@ -194,7 +195,7 @@ def test_export_rejects_gaps_in_the_frame_index(tmp_path):
     table = pa.table({"video_id": ["a", "a"], "index": pa.array([0, 2], pa.int32()),
                       "probabilities": pa.array([[0.1], [0.2]], pa.list_(pa.float32()))})
     pq.write_table(table, tmp_path / "predictions.parquet")
-    from pipelines.export import ExportError
+    from pipelines.tools.export import ExportError
 
     with pytest.raises(ExportError, match=r"video 'a' do not have indices 0\.\.1"):
         read_predictions(tmp_path / "predictions.parquet")
@@ -248,7 +249,7 @@ def test_convert_release_rejects_wrong_class_names(tmp_path):
     torch.manual_seed(3)
     release = ms_temba.create_model("ms_temba_release", in_dim=IN_DIM, num_classes=4, widths=(8, 12, 16), d_state=4)
     torch.save(release.state_dict(), tmp_path / "best_model.pth")
-    from pipelines.export import ExportError
+    from pipelines.tools.export import ExportError
 
     with pytest.raises(ExportError, match="3 class names given for a checkpoint with 4 classes"):
         convert_release(tmp_path / "best_model.pth", tmp_path / "release.pt", class_names=["a", "b", "c"])
@@ -265,7 +266,7 @@ def temporal_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
 
 
 def pipeline_model(root: Path, overrides: list[str]) -> tuple[dict, Path]:
-    """Synthetic videos -> manifest -> I3D feature shards -> `pipelines.train`, in `root`, with the
+    """Synthetic videos -> manifest -> I3D feature shards -> `pipelines.stages.train`, in `root`, with the
     pipeline's composed configuration plus `overrides`. Returns (annotations, models/model.pt).
 
     The manifest and train stages run through their own entry points, so the checkpoint is what
@@ -274,8 +275,9 @@ def pipeline_model(root: Path, overrides: list[str]) -> tuple[dict, Path]:
     Ray actors, which saves starting Ray on a small CPU machine."""
     from extractors.run import ExtractionWorker, _shard_metadata, shard_name
     from extractors.synthetic import make_dataset
-    from pipelines import manifest as manifest_stage
-    from pipelines import train as train_stage
+    from pipelines import manifest
+    from pipelines.stages import manifest as manifest_stage
+    from pipelines.stages import train as train_stage
     from pipelines.config import compose_params, load_params
 
     data = root / "data"
@@ -287,12 +289,12 @@ def pipeline_model(root: Path, overrides: list[str]) -> tuple[dict, Path]:
     annotations = make_dataset(data, **params["dataset"]["synthetic"])
     manifest_stage.main(["--params", str(root / "params.yaml"), "--out", str(root / "manifest.parquet"),
                          "--report", str(root / "manifest_report.json")])
-    rows = manifest_stage.usable_videos(manifest_stage.read_manifest(root / "manifest.parquet"))
+    rows = manifest.usable_videos(manifest.read_manifest(root / "manifest.parquet"))
     assert len(rows) == len(annotations)
     worker = ExtractionWorker(cfg.extractor)
     features = {row["video_id"]: worker.extract(row["path"]) for row in rows}
     (root / "shards").mkdir()
-    from pipelines.extract import source_metadata  # as the extract stage records it (the videos' frame rate)
+    from pipelines.stages.extract import source_metadata  # as the extract stage records it (the videos' frame rate)
 
     write_shard(root / "shards" / shard_name(0), sorted(features.items()),
                 {**_shard_metadata(cfg.extractor, worker.shard_metadata()), **source_metadata(cfg, rows)})

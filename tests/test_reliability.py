@@ -97,7 +97,7 @@ def test_every_bad_npy_file_is_a_listed_failure_and_the_good_ones_are_imported(t
     for video_id, array in good.items():
         np.save(src / f"{video_id}.npy", array)
     expected = write_bad_npy_files(src)
-    done = run(["-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(tmp_path / "shards"),
+    done = run(["-m", "pipelines.tools.cli", "import-npy", "--src", str(src), "--out", str(tmp_path / "shards"),
                 "--hop-s", "0.5", "--videos-per-shard", "2"])
     assert done.returncode == 0, done.stderr
     assert "imported 3 videos" in done.stdout and f"{len(expected)} failed" in done.stdout
@@ -147,12 +147,12 @@ def test_reimporting_into_one_folder_replaces_the_store(tmp_path):
                 {"backbone": "i3d", "dim": 4})
     with pytest.raises(NpyImportError, match="another extractor .*choose another --out"):
         import_npy(src, other, hop_s=0.5, show_progress=False)
-    done = run(["-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(other), "--hop-s", "0.5"])
+    done = run(["-m", "pipelines.tools.cli", "import-npy", "--src", str(src), "--out", str(other), "--hop-s", "0.5"])
     assert_one_line_error(done, "another extractor (i3d)")
 
 
 def import_command(src: Path, out: Path) -> list[str]:
-    return ["-m", "pipelines.cli", "import-npy", "--src", str(src), "--out", str(out), "--hop-s", "0.5",
+    return ["-m", "pipelines.tools.cli", "import-npy", "--src", str(src), "--out", str(out), "--hop-s", "0.5",
             "--videos-per-shard", "2"]
 
 
@@ -191,11 +191,11 @@ def test_a_killed_import_resumes_and_leaves_no_temporary_file(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_compose_typos_and_unknown_options_are_one_line():
-    done = run(["-m", "pipelines.cli", "compose", "train.lrr=1e-3"])
+    done = run(["-m", "pipelines.tools.cli", "compose", "train.lrr=1e-3"])
     assert_one_line_error(done, "train.lrr", "did you mean train.lr?", "+train.lrr=")
-    done = run(["-m", "pipelines.cli", "compose", "dataset=nope"])
+    done = run(["-m", "pipelines.tools.cli", "compose", "dataset=nope"])
     assert_one_line_error(done, "dataset=nope", "conf/dataset/nope.yaml", "charades", "synthetic")
-    done = run(["-m", "pipelines.cli", "compose", "train.lr"])
+    done = run(["-m", "pipelines.tools.cli", "compose", "train.lr"])
     assert_one_line_error(done, "train.lr", "key=value")
 
 
@@ -208,13 +208,13 @@ def test_bad_params_files_are_one_line_for_every_stage(tmp_path):
                 "train": ["--manifest", "m", "--shards", "s", "--checkpoints", "c", "--out", "o", "--log", "l"],
                 "evaluate": ["--model", "m", "--manifest", "m", "--shards", "s", "--metrics", "x",
                              "--predictions", "p", "--per-class", "c", "--timelines", "t"]}[stage]
-        done = run(["-m", f"pipelines.{stage}", "--params", str(broken), *args], cwd=tmp_path)
-        assert_one_line_error(done, f"pipelines.{stage}: error: {broken}", "not valid YAML at line 3")
+        done = run(["-m", f"pipelines.stages.{stage}", "--params", str(broken), *args], cwd=tmp_path)
+        assert_one_line_error(done, f"pipelines.stages.{stage}: error: {broken}", "not valid YAML at line 3")
     params = compose_params(["experiment=tiny"])
     params["train"]["lrr"] = 0.1
     typo = tmp_path / "typo.yaml"
     typo.write_text(yaml.safe_dump(params))
-    done = run(["-m", "pipelines.cli", "check", "--params", str(typo)])
+    done = run(["-m", "pipelines.tools.cli", "check", "--params", str(typo)])
     assert_one_line_error(done, str(typo), "train.lrr: unknown key; did you mean train.lr?")
 
 
@@ -243,7 +243,7 @@ def test_an_annotation_file_that_is_not_json_is_one_line(tmp_path):
     (tmp_path / "annotations.json").write_text('{"video": {"subset": "training",\n')
     params = write_params(tmp_path / "params.yaml", video_dir=str(tmp_path / "videos"),
                           annotations=str(tmp_path / "annotations.json"))
-    done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
+    done = run(["-m", "pipelines.stages.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
                 "--report", str(tmp_path / "r.json")])
     assert_one_line_error(done, "annotations.json (dataset.annotations) is not valid JSON", "line 2")
 
@@ -257,7 +257,7 @@ def test_a_manifest_without_usable_videos_fails_at_once(tmp_path):
     (tmp_path / "annotations.json").write_text("{}")
     params = write_params(tmp_path / "params.yaml", video_dir=str(tmp_path / "videos"),
                           annotations=str(tmp_path / "annotations.json"))
-    done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
+    done = run(["-m", "pipelines.stages.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
                 "--report", str(tmp_path / "r.json")])
     assert_one_line_error(done, "no usable 'training' or 'testing' video", "annotations.json")
     assert not (tmp_path / "m.parquet").exists()  # so extract and train cannot run on it
@@ -270,7 +270,7 @@ def test_a_manifest_without_usable_videos_fails_at_once(tmp_path):
                                                                  "actions": [[0, 0.0, 1.0]]}}))
     params = write_params(tmp_path / "params.yaml", video_dir=str(tmp_path / "npy"), feature_source="npy",
                           npy_hop_s=0.5, annotations=str(tmp_path / "annotations.json"))
-    done = run(["-m", "pipelines.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
+    done = run(["-m", "pipelines.stages.manifest", "--params", str(params), "--out", str(tmp_path / "m.parquet"),
                 "--report", str(tmp_path / "r.json")])
     assert_one_line_error(done, "no usable 'testing' video")
 
@@ -294,16 +294,16 @@ def test_cuda_without_cuda_is_one_line_in_check_train_and_predict(tmp_path):
 
     params = compose_params(["experiment=tiny"])
     (tmp_path / "auto.yaml").write_text(yaml.safe_dump(params))
-    done = run(["-m", "pipelines.cli", "check", "--params", str(tmp_path / "auto.yaml")])
+    done = run(["-m", "pipelines.tools.cli", "check", "--params", str(tmp_path / "auto.yaml")])
     assert done.returncode == 0 and "train.device 'auto' -> cpu" in done.stdout, done.stderr
     params["train"]["device"] = "cuda"
     (tmp_path / "cuda.yaml").write_text(yaml.safe_dump(params))
-    done = run(["-m", "pipelines.cli", "check", "--params", str(tmp_path / "cuda.yaml")])
+    done = run(["-m", "pipelines.tools.cli", "check", "--params", str(tmp_path / "cuda.yaml")])
     assert_one_line_error(done, "train.device is 'cuda' but this machine cannot run CUDA", "'auto'")
-    done = run(["-m", "pipelines.train", "--params", str(tmp_path / "cuda.yaml"), "--manifest", "m", "--shards",
+    done = run(["-m", "pipelines.stages.train", "--params", str(tmp_path / "cuda.yaml"), "--manifest", "m", "--shards",
                 str(tmp_path), "--checkpoints", "c", "--out", "o", "--log", "l"], cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr  # the manifest is missing, or the device
-    done = run(["-m", "pipelines.cli", "predict", "--features", str(tmp_path), "--checkpoint", "m.pt",
+    done = run(["-m", "pipelines.tools.cli", "predict", "--features", str(tmp_path), "--checkpoint", "m.pt",
                 "--out", str(tmp_path / "out"), "--device", "cuda"])
     assert_one_line_error(done, "--device is 'cuda' but this machine cannot run CUDA")
 
@@ -333,7 +333,7 @@ def test_convert_release_says_what_a_file_is_not_and_never_advises_unsafe_loadin
                 "plain": "plain Python pickle", "archive": "zip archive but not a PyTorch checkpoint",
                 "garbled2": "not a PyTorch checkpoint that can be read safely"}
     for name, message in expected.items():
-        done = run(["-m", "pipelines.cli", "convert-release", str(tmp_path / f"{name}.pth"), str(tmp_path / "out.pt")])
+        done = run(["-m", "pipelines.tools.cli", "convert-release", str(tmp_path / f"{name}.pth"), str(tmp_path / "out.pt")])
         assert_one_line_error(done, message, f"{name}.pth")
         assert "weights_only=False" not in done.stderr and "weights_only` set to `False" not in done.stderr
     assert not (tmp_path / "out.pt").exists()
@@ -437,8 +437,8 @@ def make_npy_dataset(root: Path, num_videos: int = 8, num_classes: int = 3, dim:
 @pytest.fixture(scope="module")
 def npy_pipeline(tmp_path_factory):
     """params.yaml, manifest and shards of a small .npy dataset (the manifest and extract stages)."""
-    from pipelines import extract as extract_stage
-    from pipelines import manifest as manifest_stage
+    from pipelines.stages import extract as extract_stage
+    from pipelines.stages import manifest as manifest_stage
 
     root = tmp_path_factory.mktemp("npy_pipeline")
     make_npy_dataset(root)
@@ -450,13 +450,13 @@ def npy_pipeline(tmp_path_factory):
 
 
 def train_args(data: Path, run_dir: Path, params: Path) -> list[str]:
-    return ["-m", "pipelines.train", "--params", str(params), "--manifest", str(data / "manifest.parquet"),
+    return ["-m", "pipelines.stages.train", "--params", str(params), "--manifest", str(data / "manifest.parquet"),
             "--shards", str(data / "shards"), "--checkpoints", str(run_dir / "checkpoints"),
             "--out", str(run_dir / "model.pt"), "--log", str(run_dir / "log.csv")]
 
 
 def test_training_resumes_across_runtime_settings_and_names_what_forbids_it(npy_pipeline, tmp_path):
-    from pipelines.train import fingerprint, fingerprint_difference
+    from pipelines.training import fingerprint, fingerprint_difference
 
     data = npy_pipeline
     params = yaml.safe_load((data / "params.yaml").read_text())
@@ -537,7 +537,7 @@ def test_a_truncated_video_with_an_intact_header_is_not_usable(tmp_path):
     import decord
 
     from extractors.video import VideoDecodeError, iter_frame_chunks, probe
-    from pipelines import manifest as manifest_stage
+    from pipelines.stages import manifest as manifest_stage
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -603,7 +603,7 @@ def predict_args(inputs, checkpoint: Path, out: Path, *extra) -> list[str]:
 
 
 def test_predict_resamples_new_videos_to_the_training_time_scale(tmp_path, capsys):
-    from pipelines.predict import main as predict_main, read_probabilities
+    from pipelines.tools.predict import main as predict_main, read_probabilities
 
     video = write_video(tmp_path / "clip25.mp4", 25, 150)  # 6 s at 25 fps; the model learned 8 fps
     make_i3d_checkpoint(tmp_path / "model.pt", source_fps=8.0)
@@ -622,7 +622,7 @@ def test_predict_resamples_new_videos_to_the_training_time_scale(tmp_path, capsy
 
 
 def test_predict_resumes_per_video_and_redoes_what_changed(tmp_path, capsys):
-    from pipelines.predict import main as predict_main
+    from pipelines.tools.predict import main as predict_main
 
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -667,7 +667,7 @@ def test_predict_records_failures_as_they_happen(tmp_path):
         write_video(folder / f"v{i}.mp4", 8, 400, seed=i)  # 50 s each: the run lasts a while
     make_i3d_checkpoint(tmp_path / "model.pt", source_fps=8.0)
     out = tmp_path / "out"
-    process = subprocess.Popen([PYTHON, "-m", "pipelines.cli", "predict",
+    process = subprocess.Popen([PYTHON, "-m", "pipelines.tools.cli", "predict",
                                 *predict_args([folder], tmp_path / "model.pt", out)],
                                cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

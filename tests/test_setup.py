@@ -81,7 +81,7 @@ def test_two_clones_each_run_their_own_code(tmp_path):
     git(a, "add", "-A")
     git(a, "commit", "-q", "-m", "clone A")
     git(tmp_path, "clone", "-q", str(a), str(b))
-    cli = b / "pipelines" / "cli.py"
+    cli = b / "pipelines" / "tools" / "cli.py"
     assert MARKER in cli.read_text()
     cli.write_text(cli.read_text().replace(MARKER, CHANGED))
     git(b, "commit", "-q", "-am", "clone B: another description")
@@ -100,7 +100,7 @@ def test_two_clones_each_run_their_own_code(tmp_path):
         # The commands the README uses: their shebang is the clone's python.
         for command in ("ms-temba", "dvc", "ray", "pytest", "pip"):
             assert (venv / "bin" / command).read_text().splitlines()[0] == f"#!{venv}/bin/python", command
-        # DVC stages run `python -m pipelines.<stage>` through PATH: after activate, the clone's.
+        # DVC stages run `python -m pipelines.stages.<stage>` through PATH: after activate, the clone's.
         activated = in_clone(clone, shell=f". {venv}/bin/activate && python -c '{WHERE}'").split()
         assert all(path.startswith(f"{clone}/") for path in activated), (clone, activated)
     help_a, help_b = in_clone(a, "ms-temba", "--help"), in_clone(b, "ms-temba", "--help")

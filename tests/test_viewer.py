@@ -94,7 +94,7 @@ def test_rerun_replaces_the_viewer_directory(tmp_path):
 def test_predict_html_writes_pages_and_index(tmp_path):
     from test_predict import make_bundle, make_shards
 
-    from pipelines.predict import main as predict_main
+    from pipelines.tools.predict import main as predict_main
 
     make_bundle(tmp_path / "model.pt")
     make_shards(tmp_path / "shards")

@@ -1,6 +1,6 @@
 """Stage `synthesize`: render the synthetic dataset, or record that the dataset is a real one.
 
-    python -m pipelines.synthesize --out data/<dataset>/generated
+    python -m pipelines.stages.synthesize --out data/<dataset>/generated
 
 With `dataset.synthetic` set (the default dataset) this calls extractors.synthetic.make_dataset
 with those arguments, writing out/videos/*.mp4, out/annotations.json and out/classes.txt. A real
@@ -11,13 +11,11 @@ The directory is rendered under a temporary name and renamed into place when com
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import uuid
 from pathlib import Path
 
-from pipelines.config import load_params
-from pipelines.io import setup_logging
+from pipelines.stages.entry import run_stage
 
 
 def synthesize(synthetic: dict | None, dataset_name: str, out_dir: str | Path) -> None:
@@ -39,18 +37,20 @@ def synthesize(synthetic: dict | None, dataset_name: str, out_dir: str | Path) -
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="directory to generate")
-    args = parser.parse_args(argv)
-    log = setup_logging("synthesize")
-    params = load_params(args.params)
+
+
+def run(params, args, log) -> None:
     if params.dataset.synthetic is None:
         log.info("dataset %r is not synthetic: skipping generation", params.dataset.name)
     else:
         log.info("rendering the synthetic dataset %s into %s", params.dataset.synthetic, args.out)
     synthesize(params.dataset.synthetic, params.dataset.name, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("synthesize", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

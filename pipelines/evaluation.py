@@ -1,8 +1,8 @@
-"""Stage `evaluate`: the selected model on every test video at full length; metrics, predictions, plots.
+"""Evaluation (the evaluate stage, pipelines.stages.evaluate): the selected model on every test
+video at full length; metrics, predictions, plots.
 
-    python -m pipelines.evaluate --model models/model.pt --manifest data/<dataset>/manifest.parquet \
-        --shards data/<dataset>/shards --metrics metrics.json --predictions reports/predictions.parquet \
-        --per-class reports/per_class_ap.csv --timelines reports/timelines
+    evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predictions_path,
+             per_class_path, timelines_dir, detection_ap_path=..., detections_dir=..., viewer_dir=...)
 
 Each test video goes through the network whole (no truncation, no sliding window), as in the
 paper's evaluation. Outputs:
@@ -23,7 +23,6 @@ settings (pipelines.detections), ground truth = the manifest's clean action inst
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -40,7 +39,6 @@ from tqdm import tqdm
 from extractors.device import resolve_device
 from extractors.files import atomic_path
 from pipelines.bundle import load_bundle
-from pipelines.config import load_params
 from pipelines.data import Sequence, load_sequences
 from pipelines.io import setup_logging, write_json, write_parquet, write_text
 from pipelines.manifest import read_manifest, usable_videos
@@ -260,26 +258,3 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
     log.info("detection mAP %s%% (tIoU %s; %s)", metrics["detection_map"], ", ".join(metrics["detection_map_at"]),
              ", ".join(f"{t}: {v}" for t, v in metrics["detection_map_at"].items()))
     return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--predictions", required=True)
-    parser.add_argument("--per-class", required=True)
-    parser.add_argument("--timelines", required=True)
-    parser.add_argument("--detection-ap", help="CSV of detection mAP vs tIoU (reports/detection_ap.csv)")
-    parser.add_argument("--detections", help="directory for the ActivityNet results / ground truth JSON")
-    parser.add_argument("--viewer", help="directory for the HTML viewer (one page per video + index.html)")
-    args = parser.parse_args(argv)
-    evaluate(load_params(args.params), args.model, args.manifest, args.shards, args.metrics, args.predictions,
-             args.per_class, args.timelines, detection_ap_path=args.detection_ap, detections_dir=args.detections,
-             viewer_dir=args.viewer)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from extractors.config import ExtractorConfig
@@ -48,7 +47,8 @@ from extractors.shards import (FeatureStore, VideoFeatures, failure_record, meta
                                remove_stale_temporaries, write_failures)
 from ms_temba.segments import Segment, probabilities_to_segments
 from pipelines.bundle import ModelBundle, load_bundle
-from pipelines.io import write_json, write_parquet, write_text
+from pipelines.io import write_json, write_text
+from pipelines.predictions import PROBS_SUFFIX, RUN_KEY, read_probabilities, write_probabilities  # noqa: F401
 
 # Defaults of the segment rule (docs/predict.md explains the choice).
 DEFAULT_THRESHOLD_ON = 0.5
@@ -57,8 +57,6 @@ DEFAULT_MIN_DURATION_S = 0.5
 DEFAULT_MERGE_GAP_S = 0.5
 DEFAULT_PLOT_TOP_K = 5
 
-PROBS_SUFFIX = ".probs.parquet"
-CLASS_NAMES_KEY = "ms_temba.class_names"  # JSON list in the probs file's schema metadata
 # Feature metadata that may differ between training and prediction without changing the features'
 # meaning: the package version, the precision (fp16 on a GPU, fp32 on a CPU) and the weights
 # file's name (its sha256 is what identifies the weights).
@@ -240,42 +238,6 @@ class SegmentRule:
         return probabilities_to_segments(probs, video.start_s, video.end_s, **dataclasses.asdict(self))
 
 
-def probability_columns(class_names: list[str]) -> list[str]:
-    """Column names of the class probabilities: the class names when they are unique and do not
-    clash with the time columns, else class_0, class_1, ..."""
-    reserved = {"index", "start_s", "end_s"}
-    if len(set(class_names)) == len(class_names) and not reserved & set(class_names):
-        return list(class_names)
-    return [f"class_{i}" for i in range(len(class_names))]
-
-
-def write_probabilities(path: Path, video: VideoFeatures, probs: np.ndarray, class_names: list[str],
-                        record: dict[str, Any] | None = None) -> None:
-    columns = {"index": pa.array(np.arange(len(video), dtype=np.int32)),
-               "start_s": pa.array(video.start_s), "end_s": pa.array(video.end_s)}
-    for i, name in enumerate(probability_columns(class_names)):
-        columns[name] = pa.array(probs[:, i].astype(np.float32))
-    metadata = {CLASS_NAMES_KEY: json.dumps(class_names)}
-    if record is not None:
-        metadata[RUN_KEY] = json.dumps(record, sort_keys=True)
-    table = pa.table(columns).replace_schema_metadata(metadata)
-    write_parquet(path, table)
-
-
-def read_probabilities(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(probs (T, C), start_s (T,), end_s (T,), class names) of a {video}.probs.parquet file."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    metadata = table.schema.metadata or {}
-    if CLASS_NAMES_KEY.encode() not in metadata:
-        raise ValueError(f"{path} is not a prediction file of `ms-temba predict` (no {CLASS_NAMES_KEY!r} metadata)")
-    class_names = json.loads(metadata[CLASS_NAMES_KEY.encode()])
-    columns = probability_columns(class_names)
-    probs = np.stack([table.column(c).to_numpy() for c in columns], axis=1) if columns else np.empty((len(table), 0))
-    return probs, table.column("start_s").to_numpy(), table.column("end_s").to_numpy(), class_names
-
-
 def segment_records(segments: list[Segment], class_names: list[str]) -> list[dict[str, Any]]:
     return [{"class_id": s.class_id, "class_name": class_names[s.class_id], "start_s": round(s.start_s, 4),
              "end_s": round(s.end_s, 4), "score": round(s.score, 6)} for s in segments]
@@ -346,10 +308,9 @@ class PredictSummary:
         return f"{len(self.ok)} video(s) predicted{done}, {len(self.failures)} failed"
 
 
-# The probs file is each video's commit record: written last, and its schema metadata holds what
-# produced the video's outputs (checkpoint, segment rule, plot, input, extractor). A rerun skips a
-# video whose record matches and redoes it otherwise.
-RUN_KEY = "ms_temba.predict_run"
+# The probs file is each video's commit record: written last, and its schema metadata (RUN_KEY,
+# pipelines.predictions) holds what produced the video's outputs (checkpoint, segment rule, plot,
+# input, extractor). A rerun skips a video whose record matches and redoes it otherwise.
 # The temporary shard folder of `--ray`, in the output directory.
 RAY_FEATURES_PREFIX = ".ray-features."
 

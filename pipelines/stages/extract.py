@@ -1,6 +1,6 @@
 """Stage `extract`: features of every usable video of the manifest, as Parquet shards.
 
-    python -m pipelines.extract --manifest data/<dataset>/manifest.parquet --out data/<dataset>/shards
+    python -m pipelines.stages.extract --manifest data/<dataset>/manifest.parquet --out data/<dataset>/shards
 
 dataset.feature_source = videos: extractors.run.extract_videos (Ray; local unless `ray_address`).
 dataset.feature_source = npy: the per-video .npy files in dataset.video_dir are imported instead.
@@ -12,14 +12,14 @@ settings change, the old shards are deleted first instead of being mixed with ne
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-from pipelines.config import PipelineParams, load_params
-from pipelines.io import setup_logging, write_json
+from pipelines.config import PipelineParams
+from pipelines.io import write_json
 from pipelines.manifest import ManifestError, read_manifest, usable_videos
+from pipelines.stages.entry import run_stage
 
 STAMP_FILE = "extraction.json"
 
@@ -61,15 +61,12 @@ def prepare_output(out_dir: Path, settings: dict, log) -> None:
     write_json(stamp, settings)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+def add_arguments(parser) -> None:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", required=True, help="shard directory")
-    args = parser.parse_args(argv)
-    log = setup_logging("extract")
 
-    params = load_params(args.params)
+
+def run(params: PipelineParams, args, log) -> None:
     rows = usable_videos(read_manifest(args.manifest))
     if not rows:
         raise ManifestError(f"{args.manifest} has no usable video: nothing to extract (rerun the manifest stage "
@@ -100,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     if summary.failed:
         log.warning("%d videos failed; they are listed in %s/failures.jsonl and left out of training",
                     summary.failed, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("extract", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

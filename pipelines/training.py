@@ -1,7 +1,7 @@
-"""Stage `train`: train MS-Temba on the training subset, select the best epoch on a held-out part.
+"""Training (the train stage, pipelines.stages.train): MS-Temba on the training subset, the best
+epoch selected on a held-out part.
 
-    python -m pipelines.train --manifest data/<dataset>/manifest.parquet --shards data/<dataset>/shards \
-        --checkpoints models/checkpoints --out models/model.pt --log reports/train_log.csv
+    train(params, manifest_path, shards_dir, checkpoint_dir, out_path, log_path) -> ModelBundle
 
 The recipe is the release's: AdamW (lr 5e-4, weight decay 0.01), a per-step schedule that rises
 linearly for `warmup_epochs` and then follows a cosine to 0, the MS-Temba loss (BCE + beta *
@@ -18,7 +18,6 @@ uninterrupted run; a checkpoint of another configuration (its fingerprint differ
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from extractors.device import resolve_device
 from extractors.files import atomic_path
 from pipelines.bundle import ModelBundle, save_bundle
-from pipelines.config import PipelineParams, load_params
+from pipelines.config import PipelineParams
 from pipelines.data import (Sequence, feature_statistics, load_sequences, num_batches, split_train_val, standardized,
                             training_batches)
 from pipelines.io import remove_stale_temporaries_of, setup_logging, write_text
@@ -283,19 +282,3 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     save_bundle(out_path, bundle)
     log.info("selected epoch %d (val mAP %.2f%%) -> %s", best["epoch"], best["val_map"], out_path)
     return bundle
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--checkpoints", required=True, help="directory of the resumable checkpoint")
-    parser.add_argument("--out", required=True, help="the selected model (models/model.pt)")
-    parser.add_argument("--log", required=True, help="per-epoch CSV (reports/train_log.csv)")
-    args = parser.parse_args(argv)
-    train(load_params(args.params), args.manifest, args.shards, args.checkpoints, args.out, args.log)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,6 +10,9 @@
     ms-temba export-mstct SOURCE --out DIR   predictions in MS-TCT's {video: (classes, T)} layout
     ms-temba export PREDICT_DIR --out DIR    segments as ActivityNet results JSON + CSV (pipelines/detections.py)
     ms-temba score --pred R.json --gt G.json detection mAP at tIoU 0.1..0.9 of any ActivityNet results file
+
+Each command is a module of pipelines/tools/ (predict, convert_release, export, activitynet) or,
+for the small ones, a function here. `main` sets the process up first (pipelines.process).
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ import argparse
 import importlib
 import sys
 
-from pipelines.config import ConfigError, compose_params_yaml, load_params, parse_params
+from pipelines.process import setup_process
 
 
 def _compose(args) -> int:
+    from pipelines.config import compose_params_yaml, parse_params
+
     text = compose_params_yaml(args.overrides)
     parse_params(__import__("yaml").safe_load(text))  # refuse to print an invalid configuration
     sys.stdout.write(text)
@@ -29,6 +34,7 @@ def _compose(args) -> int:
 
 def _check(args) -> int:
     from extractors.device import resolve_device
+    from pipelines.config import load_params
 
     params = load_params(args.params)
     # The devices as this machine resolves them (the stages would fail the same way, later).
@@ -51,13 +57,13 @@ def _import_npy(args) -> int:
 
 # Commands with their own argument parsers: `ms-temba NAME ...` hands the rest of the line to them.
 DELEGATED = {
-    "predict": ("pipelines.predict", "main", "predict actions in new videos with a trained model"),
-    "convert-release": ("pipelines.export", "convert_release_main",
+    "predict": ("pipelines.tools.predict", "main", "predict actions in new videos with a trained model"),
+    "convert-release": ("pipelines.tools.convert_release", "convert_release_main",
                         "convert an official MS-Temba release checkpoint"),
-    "export-mstct": ("pipelines.export", "export_main", "export predictions in MS-TCT's layout"),
-    "export": ("pipelines.detections", "export_main",
+    "export-mstct": ("pipelines.tools.export", "export_main", "export predictions in MS-TCT's layout"),
+    "export": ("pipelines.tools.activitynet", "export_main",
                "export predicted segments as ActivityNet results JSON and CSV"),
-    "score": ("pipelines.detections", "score_main",
+    "score": ("pipelines.tools.activitynet", "score_main",
               "detection mAP of ActivityNet results JSON against ActivityNet ground truth"),
 }
 
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_process()  # before a command imports torch
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         module, function, _ = DELEGATED[argv[0]]
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # pipelines.config.ConfigError is a ValueError
         print(f"ms-temba {args.command}: error: {error}", file=sys.stderr)
         return 2
 
