@@ -42,11 +42,11 @@ class ModelBundle:
 
     def normalize(self, features):
         """Features as the model expects them: (x - mean) / std when trained so, else unchanged."""
+        from pipelines.inference import standardize
+
         if self.feature_mean is None:
             return features
-        if isinstance(features, torch.Tensor):
-            return (features - self.feature_mean.to(features)) / self.feature_std.to(features)
-        return ((features - self.feature_mean.numpy()) / self.feature_std.numpy()).astype(features.dtype)
+        return standardize(features, self.feature_mean, self.feature_std)
 
     def build_model(self, device: str | torch.device = "cpu"):
         import ms_temba

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipelines.inference import standardize
 from pipelines.labels import build_labels, feature_centres
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def feature_statistics(sequences: list[Sequence]) -> tuple[np.ndarray, np.ndarra
 
 
 def standardized(sequences: list[Sequence], mean: np.ndarray, std: np.ndarray) -> list[Sequence]:
-    return [Sequence(s.video_id, (s.features - mean) / std, s.labels) for s in sequences]
+    """The sequences with standardised features (pipelines.inference.standardize)."""
+    return [Sequence(s.video_id, standardize(s.features, mean, std), s.labels) for s in sequences]
 
 
 def split_train_val(video_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -40,6 +40,7 @@ from extractors.device import resolve_device
 from extractors.files import atomic_path
 from pipelines.bundle import load_bundle
 from pipelines.data import Sequence, load_sequences
+from pipelines.inference import video_probabilities
 from pipelines.io import setup_logging, write_json, write_parquet, write_text
 from pipelines.manifest import read_manifest, usable_videos
 
@@ -169,18 +170,16 @@ def evaluate(params, model_path, manifest_path, shards_dir, metrics_path, predic
     block_maps = []  # one per auxiliary head of the model (MS-Temba's blocks), made on the first video
     predictions, probabilities_of, inference_s = [], {}, 0.0
     with torch.no_grad():
-        model(torch.from_numpy(sequences[0].features[:8])[None].to(device))  # warm-up, not timed
+        video_probabilities(model, sequences[0].features[:8], device)  # warm-up, not timed
         for sequence in tqdm(sequences, desc="evaluate", unit="video"):
             started = time.perf_counter()
-            output = model(torch.from_numpy(sequence.features)[None].to(device))
-            probabilities = torch.sigmoid(output.logits[0]).float().cpu().numpy()
+            probabilities, block_probabilities = video_probabilities(model, sequence.features, device, blocks=True)
             inference_s += time.perf_counter() - started
             for metric in (frame_map, sampled_map, conditional):
                 metric.update(probabilities, sequence.labels)
-            block_outputs = getattr(output, "block_logits", ())
-            block_maps = block_maps or [FrameMAP(num_classes) for _ in block_outputs]
-            for metric, block_logits in zip(block_maps, block_outputs):
-                metric.update(torch.sigmoid(block_logits[0]).float().cpu().numpy(), sequence.labels)
+            block_maps = block_maps or [FrameMAP(num_classes) for _ in block_probabilities]
+            for metric, block in zip(block_maps, block_probabilities):
+                metric.update(block, sequence.labels)
             probabilities_of[sequence.video_id] = probabilities
             predictions.append(pa.table({
                 "video_id": [sequence.video_id] * len(probabilities),

@@ -38,6 +38,7 @@ from pipelines.bundle import ModelBundle, save_bundle
 from pipelines.config import PipelineParams
 from pipelines.data import (Sequence, feature_statistics, load_sequences, num_batches, split_train_val, standardized,
                             training_batches)
+from pipelines.inference import video_probabilities
 from pipelines.io import remove_stale_temporaries_of, setup_logging, write_text
 from pipelines.manifest import read_manifest, usable_videos
 
@@ -97,13 +98,6 @@ def class_names(path: str | None, num_classes: int) -> list[str]:
     return names
 
 
-@torch.no_grad()
-def predict(model, features: np.ndarray, device: torch.device) -> np.ndarray:
-    """(T, classes) probabilities for one full-length sequence."""
-    output = model(torch.from_numpy(features)[None].to(device))
-    return torch.sigmoid(output.logits[0]).float().cpu().numpy()
-
-
 def validation_map(model, sequences: list[Sequence], num_classes: int, device: torch.device) -> float:
     """Per-frame mAP (percent) over the full-length sequences; NaN if no class has a positive."""
     from ms_temba.metrics import FrameMAP
@@ -111,7 +105,7 @@ def validation_map(model, sequences: list[Sequence], num_classes: int, device: t
     metric = FrameMAP(num_classes)
     model.eval()
     for sequence in sequences:
-        metric.update(predict(model, sequence.features, device), sequence.labels)
+        metric.update(video_probabilities(model, sequence.features, device), sequence.labels)
     return 100.0 * metric.compute()["map"]
 
 

@@ -47,6 +47,7 @@ from extractors.shards import (FeatureStore, VideoFeatures, failure_record, meta
                                remove_stale_temporaries, write_failures)
 from ms_temba.segments import Segment, probabilities_to_segments
 from pipelines.bundle import ModelBundle, load_bundle
+from pipelines.inference import video_probabilities
 from pipelines.io import write_json, write_text
 from pipelines.predictions import PROBS_SUFFIX, RUN_KEY, read_probabilities, write_probabilities  # noqa: F401
 
@@ -133,18 +134,14 @@ class Predictor:
                                 for key in differing)
             raise PredictError(f"{source} does not make the features the model was trained on ({details})")
 
-    @torch.inference_mode()
     def probabilities(self, video: VideoFeatures) -> np.ndarray:
-        """(T, classes) probabilities of one video, the whole video in one forward pass."""
+        """(T, classes) probabilities of one video, the whole video in one forward pass, standardised
+        as in training (pipelines.inference.video_probabilities)."""
         if video.dim != self.in_dim:
             raise PredictError(f"features are {video.dim}-d but the model expects {self.in_dim}-d features")
         if len(video) == 0:
             raise PredictError("the video has no features (shorter than one snippet)")
-        features = torch.tensor(video.features, device=self.device)[None]  # a copy: shard arrays are read-only
-        if self.feature_mean is not None:  # as in training (ModelBundle.normalize)
-            features = (features - self.feature_mean.to(features)) / self.feature_std.to(features)
-        logits = self.model(features).logits[0]
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        return video_probabilities(self.model, video.features, self.device, self.feature_mean, self.feature_std)
 
 
 def read_model_file(path: str | os.PathLike) -> ModelBundle:
