@@ -20,9 +20,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from extractors import config as extractor_config
 from extractors.config import ExtractorConfig
-from ms_temba.errors import ConfigFieldError
 from extractors.device import DEVICE_CHOICES
+from ms_temba.errors import ConfigFieldError
 
 # The Hydra tree ships with the repository (it is not package data): conf/ next to pipelines/.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,12 @@ class DatasetParams:
     feature_source: str = "videos"  # "videos": decode + extract; "npy": import video_dir/<video_id>.npy
     npy_hop_s: float | None = None  # seconds between consecutive .npy features
     synthetic: dict | None = None  # keyword arguments of extractors.synthetic.make_dataset
+    # Facts about the videos, stated by a dataset whose videos all share them (the synthetic one)
+    # and left out by the others. No stage reads them: conf/extractor/*.yaml interpolate them
+    # (docs/pipeline.md, "Configuration").
+    video_fps: float | None = None  # every video's frame rate
+    frame_size: int | None = None  # every video's frame width and height, in pixels
+    max_video_frames: int | None = None  # no video has more frames than this
 
     def check(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "dataset.name",
@@ -83,10 +90,18 @@ class DatasetParams:
                      f"must be > 0 when dataset.feature_source is 'npy', got {self.npy_hop_s}")
             _require(self.synthetic is None, "dataset.synthetic",
                      "must be null when dataset.feature_source is 'npy' (synthetic data is videos)")
+        for key in ("video_fps", "frame_size", "max_video_frames"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"dataset.{key}", f"must be > 0 or left out, got {value}")
         if self.synthetic is not None:
             _check_synthetic_arguments(self.synthetic)
             _require(self.synthetic.get("num_classes", self.num_classes) == self.num_classes, "dataset.num_classes",
                      f"is {self.num_classes} but dataset.synthetic.num_classes is {self.synthetic.get('num_classes')}")
+            for fact, argument in (("video_fps", "fps"), ("frame_size", "size")):  # what the extractor is told
+                stated, rendered = getattr(self, fact), self.synthetic.get(argument)
+                _require(stated is None or rendered is None or stated == rendered, f"dataset.{fact}",
+                         f"is {stated} but dataset.synthetic.{argument} is {rendered} (set dataset.{fact}: "
+                         f"the synthetic videos follow it)")
 
 
 @dataclass(frozen=True)
@@ -325,10 +340,14 @@ def _did_you_mean(key: str, known: Iterable[str]) -> str:
     """'; did you mean train.lr?' for the closest known keys, or ''."""
     import difflib
 
+    known = list(known)
     prefix, _, name = key.rpartition(".")
-    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == prefix}
-    close = difflib.get_close_matches(name, list(siblings), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(siblings[c] for c in close)}?" if close else ""
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == prefix and k != key}
+    close = [siblings[c] for c in difflib.get_close_matches(name, list(siblings), n=3, cutoff=0.6)]
+    if not close:  # the name elsewhere in the section, e.g. extractor.mode -> extractor.i3d.mode
+        section = key.partition(".")[0]
+        close = [k for k in known if k.startswith(f"{section}.") and k.rpartition(".")[2] == name and k != key]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,16 +439,17 @@ def _type_name(annotation: Any) -> str:
 
 
 def _build_extractor(values: Any) -> ExtractorConfig:
+    """The extractor section: shared fields at the top, the backbone's own under extractor.<backbone>
+    (extractors.config); every field's type checked as in the other sections."""
     if not isinstance(values, Mapping):
         raise ConfigError("extractor", f"must be a mapping, got {values!r}")
-    known = {f.name for f in dataclasses.fields(ExtractorConfig)}
-    _reject_unknown(values, known, prefix="extractor.")
     hints = typing.get_type_hints(ExtractorConfig)
-    values = {name: _as_number(value, hints[name]) for name, value in values.items()}
-    for name, value in values.items():
-        _check_type(f"extractor.{name}", value, hints[name])
     try:
-        return ExtractorConfig.from_dict(values)
+        fields = extractor_config.flatten_params(values)  # each key where it belongs
+        fields = {name: _as_number(value, hints[name]) for name, value in fields.items()}
+        for name, value in fields.items():
+            _check_type(f"extractor.{extractor_config.field_path(name)}", value, hints[name])
+        return ExtractorConfig(**fields)
     except ConfigFieldError as error:  # ExtractorConfig's own checks name the field
         raise ConfigError(f"extractor.{error.field}", error.problem) from error
 

@@ -119,6 +119,11 @@ BAD_VALUES = [
     ("extractor.image_size", 0),
     ("extractor.backbone", "resnet"),
     ("extractor.batchsize", 4),
+    ("extractor.i3d.mode", "dense"),
+    ("extractor.i3d.stride", 0),
+    ("extractor.i3d.fps", 24.0),  # a shared field inside the backbone's section
+    ("extractor.clip_window", 16),  # CLIP's field, at the top and for I3D
+    ("dataset.video_fps", 0),
     ("eval.threshold", 1.5),
     ("eval.action_offsets", [-1]),
     ("eval.num_timelines", "all"),
@@ -192,3 +197,77 @@ def test_extractor_config_errors_carry_the_field():
 def test_extractor_value_of_the_wrong_type_names_the_key(default_params):
     with pytest.raises(ConfigError, match=r"^extractor.fps: must be a number, got 'fast' \(str\)"):
         parse_params(with_value(default_params, "extractor.fps", "fast"))
+
+
+def test_only_experiment_files_are_global():
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        is_global = path.read_text().startswith("# @package _global_")
+        assert is_global == (path.parent.name == "experiment"), path
+
+
+def test_extractor_files_hold_their_backbone_fields_only():
+    from extractors.config import BACKBONE_FIELDS
+
+    for backbone, own in BACKBONE_FIELDS.items():
+        section = compose_params([f"extractor={backbone}"])["extractor"]
+        assert section["backbone"] == backbone and tuple(section[backbone]) == own
+        others = {name for other, fields in BACKBONE_FIELDS.items() if other != backbone for name in (other, *fields)}
+        assert not others & set(section), f"extractor={backbone} lists other backbones' fields"
+
+
+def test_switching_the_backbone_keeps_nothing_of_the_default(default_params):
+    # The default (synthetic) run extracts I3D at the videos' own rate and size, one pass per video:
+    # the dataset states facts about its videos, and the I3D config reads them.
+    videos = default_params["dataset"]["synthetic"]
+    i3d = parse_params(default_params).extractor
+    assert (i3d.fps, i3d.image_size) == (videos["fps"], videos["size"])
+    assert i3d.chunk_frames >= round(videos["max_duration"] * videos["fps"])
+    # CLIP on the same data: the same frame rate, but its own image size and chunking.
+    clip_params = compose_params(["extractor=clip"])
+    assert "i3d" not in clip_params["extractor"]
+    clip = parse_params(clip_params).extractor
+    assert (clip.backbone, clip.fps, clip.image_size, clip.chunk_frames) == ("clip", videos["fps"], 224, 128)
+    # A real dataset states no such facts: 24 fps, 224 px, chunks of 128 frames.
+    for backbone in ("i3d", "clip"):
+        real = parse_params(compose_params(["dataset=charades", f"extractor={backbone}"]))
+        assert (real.extractor.fps, real.extractor.image_size, real.extractor.chunk_frames) == (24.0, 224, 128)
+        assert real.dataset.video_fps is real.dataset.frame_size is real.dataset.max_video_frames is None
+
+
+def test_misplaced_extractor_fields_say_where_they_belong(default_params):
+    flat = with_value(default_params, "extractor.i3d.mode", DELETE)
+    flat["extractor"]["mode"] = "snippets"
+    with pytest.raises(ConfigError, match=r"^extractor.mode: is a setting of the i3d backbone: write it as "
+                                          r"extractor.i3d.mode"):
+        parse_params(flat)
+    with pytest.raises(ConfigError, match=r"^extractor.i3d.fps: is read by every backbone: write it as extractor.fps"):
+        parse_params(with_value(default_params, "extractor.i3d.fps", 24.0))
+    other = copy.deepcopy(default_params)
+    other["extractor"]["clip"] = {"clip_window": 8}
+    with pytest.raises(ConfigError, match=r"^extractor.clip: holds settings of the clip backbone, but "
+                                          r"extractor.backbone is 'i3d'"):
+        parse_params(other)
+    # `-S extractor.mode=...` (the key before it moved) names the new one.
+    with pytest.raises(ConfigError, match=r"^extractor.mode: unknown key; did you mean extractor.i3d.mode\?"):
+        compose_params(["extractor.mode=snippets"])
+
+
+def test_extractor_params_form_round_trips(default_params):
+    from extractors.config import ExtractorConfig
+
+    parsed = parse_params(default_params).extractor
+    assert parsed.to_params() == default_params["extractor"]
+    assert ExtractorConfig.from_params(parsed.to_params()) == parsed
+    # The group files alone (python -m extractors.run --config ...): the dataset's facts take their defaults.
+    from_file = ExtractorConfig.from_yaml(CONF_DIR / "extractor" / "i3d.yaml", ["i3d.mode=snippets", "fps=null"])
+    assert (from_file.fps, from_file.image_size, from_file.chunk_frames, from_file.mode) == (None, 224, 128, "snippets")
+
+
+def test_the_synthetic_videos_follow_the_stated_facts():
+    smaller = parse_params(compose_params(["dataset.frame_size=32", "dataset.video_fps=4"]))
+    assert (smaller.dataset.synthetic["size"], smaller.dataset.synthetic["fps"]) == (32, 4)
+    assert (smaller.extractor.image_size, smaller.extractor.fps) == (32, 4)
+    with pytest.raises(ConfigError, match=r"^dataset.frame_size: is 64 but dataset.synthetic.size is 32"):
+        parse_params(compose_params(["dataset.synthetic.size=32"]))
+    # Without the generator (a test's own videos), the facts still make a valid extractor.
+    assert parse_params(compose_params(["experiment=tiny", "dataset.synthetic=null", "dataset.num_classes=4"]))
