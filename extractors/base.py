@@ -23,7 +23,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -34,7 +33,9 @@ from extractors.config import ExtractorConfig
 from extractors.device import resolve_device
 from extractors.shards import VideoFeatures
 from extractors.video import FrameChunk, center_crop, iter_frame_chunks, resize_short_side
-from ms_temba.checkpoint import CheckpointError, unwrap_state_dict
+# read_state_dict(path): the tensors of a checkpoint file (a torch-saved state dict, bare or wrapped as
+# training scripts save it, or .safetensors), never running pickled code from it: a checkpoint is data.
+from ms_temba.checkpoint import CheckpointError, read_state_dict
 
 RANDOM_CHECKPOINT = "random"
 
@@ -57,24 +58,6 @@ class CheckpointInfo:
         warnings.warn(f"{what}: no weights given, using a RANDOMLY INITIALISED network; its features are "
                       f"meaningless for training (metadata records pretrained=False)", stacklevel=3)
         return cls(source=RANDOM_CHECKPOINT, sha256=RANDOM_CHECKPOINT, pretrained=False)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file: a torch-saved state dict (bare, or wrapped as training
-    scripts save it: `ms_temba.checkpoint.unwrap_state_dict`) or a .safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            # weights_only: a checkpoint is data; never run pickled code from it.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch and safetensors raise many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
-    return unwrap_state_dict(state, f"checkpoint {path}")
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:

@@ -5,18 +5,23 @@ Training scripts save a model's weights in several ways: a plain state dict
 ({"model": sd, "epoch": 3} as timm / DeiT do, {"state_dict": sd, "optimizer": ...},
 {"model_state_dict": sd}), or the whole module object; and a model wrapped in nn.DataParallel /
 DistributedDataParallel prefixes every key with `module.`. `unwrap_state_dict` accepts all of these
-and returns the bare {name: tensor} mapping. It is the one implementation of that unwrapping: the
+and returns the bare {name: tensor} mapping. `load_checkpoint_file` reads a checkpoint file
+(torch-saved, with `weights_only` unless the caller trusts the file, or .safetensors), and
+`read_state_dict` does both. They are the one implementation of reading and unwrapping: the
 feature extractors' checkpoints (`extractors.base.read_state_dict`) and the official release's
-(`ms_temba.convert.read_release_state_dict`) both go through it.
+(`ms_temba.convert.read_release_state_dict`) both go through them.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "unwrap_state_dict", "key_listing", "WRAPPER_KEYS", "DATA_PARALLEL_PREFIX"]
+__all__ = ["CheckpointError", "load_checkpoint_file", "read_state_dict", "unwrap_state_dict", "key_listing",
+           "WRAPPER_KEYS", "DATA_PARALLEL_PREFIX"]
 
 # Containers other tools wrap a state dict in, in the order they are tried.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -25,6 +30,45 @@ DATA_PARALLEL_PREFIX = "module."
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not hold what it should; the message says why."""
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust_pickle: bool = False, what: str = "checkpoint",
+                         trust_hint: str = "") -> Any:
+    """What the checkpoint file `path` holds, on the CPU: a .safetensors file's tensors, else what
+    torch.load returns.
+
+    torch.load runs with weights_only=True, which cannot run code from the file, unless
+    `trust_pickle` (unpickling a whole saved module can execute arbitrary code). `what` names the
+    file in errors ("release checkpoint"); `trust_hint` is appended to the advice given for a file
+    that pickles objects (e.g. " (--trust-pickle)"). Raises FileNotFoundError when there is no such
+    file and CheckpointError when it cannot be read; the message names the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as error:  # torch and safetensors raise many types for a corrupt file
+        # weights_only refuses any class outside its allow-list with "Unsupported global: ...".
+        if not trust_pickle and "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, not just tensors (probably a whole saved model). "
+                f"Loading it can execute code from the file; if you trust it, pass trust_pickle=True"
+                f"{trust_hint}. Underlying error: {error}"
+            ) from error
+        raise CheckpointError(f"cannot read {what} {path}: {error}") from error
+
+
+def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False, what: str = "checkpoint",
+                    trust_hint: str = "") -> dict[str, torch.Tensor]:
+    """The bare state dict in the checkpoint file `path`: `load_checkpoint_file`, then
+    `unwrap_state_dict`. Same arguments and errors."""
+    saved = load_checkpoint_file(path, trust_pickle, what, trust_hint)
+    return unwrap_state_dict(saved, f"{what} {path}")
 
 
 def unwrap_state_dict(saved: Any, source: str = "the checkpoint") -> dict[str, torch.Tensor]:

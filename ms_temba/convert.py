@@ -7,13 +7,32 @@ dict as {"model": sd} (timm / DeiT style, which the release's `mstemba(pretraine
 {"state_dict": sd}; a few save the whole module object. `read_release_state_dict` accepts all of
 these and returns the bare state dict (the unwrapping is `ms_temba.checkpoint.unwrap_state_dict`).
 
-Our `ms_temba_release` architecture (registry.py) uses the release's module names, so the
-conversion is a check rather than a renaming, with one exception: each of the release's
+`MSTemba` (ms_temba/model.py) keeps its own module layout, and the release's names are mapped here,
+as timm models convert foreign checkpoints in a `checkpoint_filter_fn`. The key mapping (release ->
+ours; the TLMs, which the release does not have, were `tlms.{k-1}` in bundle format 1):
+
+    release                              ours
+    proj.*                               proj.*
+    blocks.{2k-2}.*  (projection k)      blocks.{k-1}.projection.*
+    blocks.1.*       (block 1's DTS)     blocks.0.dts.branches.0.*
+    blocks.{2k-1}.{i}.* (k > 1)          blocks.{k-1}.dts.branches.{i}.*
+    tlms.{k-1}.*                         blocks.{k-1}.tlm.*
+    block_heads.{k-1}.*                  block_heads.{k-1}.*
+    scale_proj{k}.*                      fuser.scale_projs.{k-1}.*
+    norm.*, interaction_block.*          fuser.norm.*, fuser.interaction_block.*
+    head.*                               head.*
+
+`release_to_model_key` / `model_to_release_key` (and the `..._state_dict` forms) apply it. The same
+mapping reads model files of bundle format 1 (pipelines/bundle.py), whose MSTemba state dicts used
+the release's names: `upgrade_format1_state_dict`.
+
+Apart from the names the conversion is a check, with one exception: each of the release's
 VisionMamba stacks (every DTS branch and the fuser's interaction block) carries a 1000-way
 ImageNet classification `head` it never calls (MSTemba.forward uses `block_heads` and its own
 `head`). Those weights (`blocks.1.head.*`, `blocks.3.{i}.head.*`, `blocks.5.{i}.head.*`,
 `interaction_block.head.*`) are dropped. The configuration (feature dim, classes, widths, state
-size, expansion, conv width, layers per branch) is read off the tensor shapes.
+size, expansion, conv width, layers per branch) is read off the tensor shapes. A state dict already
+in our names (e.g. a whole `ms_temba_release` module saved with torch.save) is accepted too.
 
 What our forward computes with the converted weights vs the release's forward:
 * The release takes features channel-first, (batch, in_dim, time), and permutes them; ours takes
@@ -29,7 +48,7 @@ What our forward computes with the converted weights vs the release's forward:
 * Training-time only: the release applies DropPath(0.1) to the last Mamba layer of every stack
   (VisionMamba's default drop_path_rate, as MSTemba does not pass its own through).
 
-The command-line entry `ms-temba convert-release` (pipelines/export.py) writes the converted model
+The command-line entry `ms-temba convert-release` (pipelines/tools/) writes the converted model
 as a pipelines.bundle model file for `ms-temba predict`.
 """
 
@@ -39,15 +58,14 @@ import dataclasses
 import os
 import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from ms_temba.checkpoint import CheckpointError, key_listing as _listing, unwrap_state_dict
+from ms_temba.checkpoint import CheckpointError, key_listing as _listing, load_checkpoint_file, unwrap_state_dict
 from ms_temba.model import MSTemba, MSTembaConfig
-from ms_temba.registry import create_model
+from ms_temba.registry import create_model, model_class
 
 __all__ = [
     "RELEASE_MODEL_NAME",
@@ -55,6 +73,11 @@ __all__ = [
     "read_release_state_dict",
     "convert_release_state_dict",
     "load_release_checkpoint",
+    "release_to_model_key",
+    "model_to_release_key",
+    "release_to_model_state_dict",
+    "model_to_release_state_dict",
+    "upgrade_format1_state_dict",
 ]
 
 RELEASE_MODEL_NAME = "ms_temba_release"
@@ -78,27 +101,34 @@ def read_release_state_dict(source: str | os.PathLike | Mapping | nn.Module,
     pickled module object needs `trust_pickle=True` (and the release's code importable), since
     unpickling it can execute arbitrary code.
     """
-    if isinstance(source, (str, os.PathLike)):
-        source = _load_file(Path(source), trust_pickle)
     try:
+        if isinstance(source, (str, os.PathLike)):
+            source = load_checkpoint_file(source, trust_pickle, what="release checkpoint",
+                                          trust_hint=" (--trust-pickle), with the release's code importable")
         return unwrap_state_dict(source, "the release checkpoint")
     except CheckpointError as error:
-        raise ReleaseCheckpointError(str(error)) from None
+        raise ReleaseCheckpointError(str(error)) from error.__cause__
 
 
 def convert_release_state_dict(
     state_dict: Mapping[str, torch.Tensor],
 ) -> tuple[MSTembaConfig, "OrderedDict[str, torch.Tensor]"]:
-    """The config and the `ms_temba_release` state dict of a release state dict.
+    """The config and the `ms_temba_release` state dict (our names) of a release state dict.
 
-    Drops the unused 1000-way VisionMamba heads and checks that what remains is exactly our
-    architecture's keys with the same shapes. Raises ReleaseCheckpointError naming the first
-    missing or unexpected keys, or a key whose shape does not fit the inferred configuration.
+    Drops the unused 1000-way VisionMamba heads and checks that what remains is exactly the
+    release architecture's keys with the same shapes, then renames them (`release_to_model_key`);
+    the tensors are passed through. Raises ReleaseCheckpointError naming, in the release's names,
+    the first missing or unexpected keys, or a key whose shape does not fit the inferred
+    configuration. Keys already in our names are accepted (checked under their release names).
     """
     state_dict = read_release_state_dict(state_dict)
+    try:  # our names, if any (e.g. a whole `ms_temba_release` module saved with torch.save), to the release's
+        state_dict = model_to_release_state_dict(state_dict)
+    except CheckpointError as error:
+        raise ReleaseCheckpointError(str(error)) from None
     kept = {key: value for key, value in state_dict.items() if not _UNUSED_HEAD.match(key)}
     config = infer_release_config(kept)
-    expected = create_model(RELEASE_MODEL_NAME, **_overrides(config)).state_dict()
+    expected = model_to_release_state_dict(create_model(RELEASE_MODEL_NAME, **_overrides(config)).state_dict())
 
     missing = [key for key in expected if key not in kept]
     unexpected = [key for key in kept if key not in expected]
@@ -117,7 +147,7 @@ def convert_release_state_dict(
                 f"{key} has shape {tuple(kept[key].shape)}, but the release architecture inferred from "
                 f"the other tensors ({config}) needs {tuple(reference.shape)}"
             )
-    return config, OrderedDict((key, kept[key]) for key in expected)
+    return config, OrderedDict((release_to_model_key(key), kept[key]) for key in expected)
 
 
 def infer_release_config(state_dict: Mapping[str, torch.Tensor]) -> MSTembaConfig:
@@ -168,24 +198,98 @@ def load_release_checkpoint(source: str | os.PathLike | Mapping | nn.Module,
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers
+# The key mapping between the release's names and ours (table in the module docstring)
 # ----------------------------------------------------------------------------------------------
 
-def _load_file(path: Path, trust_pickle: bool) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"release checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... depending on the file
-        # weights_only refuses any class outside its allow-list with "Unsupported global: ...".
-        if not trust_pickle and "Unsupported global" in str(error):
-            raise ReleaseCheckpointError(
-                f"{path} holds pickled Python objects, not just tensors (probably a whole saved model). "
-                f"Loading it can execute code from the file; if you trust it, pass trust_pickle=True "
-                f"(--trust-pickle), with the release's code importable. Underlying error: {error}"
-            ) from error
-        raise ReleaseCheckpointError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
+_RELEASE_PROJECTION = re.compile(r"blocks\.(\d*[02468])\.((?:linear|norm)\..+)")
+_RELEASE_FIRST_DTS = re.compile(r"blocks\.1\.((?:layers|norm_f|head)\..+)")
+_RELEASE_DTS = re.compile(r"blocks\.(\d*[13579])\.(\d+)\.((?:layers|norm_f|head)\..+)")
+_RELEASE_TLM = re.compile(r"tlms\.(\d+)\.(.+)")
+_RELEASE_SCALE_PROJ = re.compile(r"scale_proj(\d+)\.(.+)")
+_RELEASE_FUSER = re.compile(r"(?:norm|interaction_block)\..+")
 
+_OUR_PROJECTION = re.compile(r"blocks\.(\d+)\.projection\.(.+)")
+_OUR_DTS = re.compile(r"blocks\.(\d+)\.dts\.branches\.(\d+)\.(.+)")
+_OUR_TLM = re.compile(r"blocks\.(\d+)\.tlm\.(.+)")
+_OUR_SCALE_PROJ = re.compile(r"fuser\.scale_projs\.(\d+)\.(.+)")
+_OUR_FUSER = re.compile(r"fuser\.((?:norm|interaction_block)\..+)")
+
+
+def release_to_model_key(key: str) -> str:
+    """Our name for the release's (or bundle format 1's) state-dict key `key`; a key that is not
+    one of the release's renamed modules (`proj.*`, `block_heads.*`, `head.*`, one already in our
+    names, an unknown one) is returned unchanged."""
+    if match := _RELEASE_PROJECTION.fullmatch(key):
+        return f"blocks.{int(match[1]) // 2}.projection.{match[2]}"
+    if match := _RELEASE_FIRST_DTS.fullmatch(key):  # block 1's single branch is stored bare
+        return f"blocks.0.dts.branches.0.{match[1]}"
+    if (match := _RELEASE_DTS.fullmatch(key)) and match[1] != "1":
+        return f"blocks.{int(match[1]) // 2}.dts.branches.{match[2]}.{match[3]}"
+    if match := _RELEASE_TLM.fullmatch(key):
+        return f"blocks.{match[1]}.tlm.{match[2]}"
+    if (match := _RELEASE_SCALE_PROJ.fullmatch(key)) and int(match[1]) >= 1:
+        return f"fuser.scale_projs.{int(match[1]) - 1}.{match[2]}"
+    if _RELEASE_FUSER.fullmatch(key):
+        return f"fuser.{key}"
+    return key
+
+
+def model_to_release_key(key: str) -> str:
+    """The release's name (bundle format 1's, for a TLM: `tlms.{k-1}.*`) of our state-dict key
+    `key`; the inverse of `release_to_model_key`. Other keys are returned unchanged."""
+    if match := _OUR_PROJECTION.fullmatch(key):
+        return f"blocks.{2 * int(match[1])}.{match[2]}"
+    if match := _OUR_DTS.fullmatch(key):
+        block, branch, rest = int(match[1]), match[2], match[3]
+        if block == 0 and branch == "0":  # block 1's single branch is stored bare
+            return f"blocks.1.{rest}"
+        if block > 0:
+            return f"blocks.{2 * block + 1}.{branch}.{rest}"
+        return key  # block 1 has one branch: not a key of the architecture
+    if match := _OUR_TLM.fullmatch(key):
+        return f"tlms.{match[1]}.{match[2]}"
+    if match := _OUR_SCALE_PROJ.fullmatch(key):
+        return f"scale_proj{int(match[1]) + 1}.{match[2]}"
+    if match := _OUR_FUSER.fullmatch(key):
+        return match[1]
+    return key
+
+
+def release_to_model_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """`state_dict` with every key renamed by `release_to_model_key` (same tensors, same order)."""
+    return _renamed(state_dict, release_to_model_key)
+
+
+def model_to_release_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """`state_dict` with every key renamed by `model_to_release_key` (same tensors, same order): what
+    the release (and bundle format 1) would store. The release has no TLMs: an `ms_temba_release`
+    state dict gives exactly the release's keys and shapes, less its unused VisionMamba heads."""
+    return _renamed(state_dict, model_to_release_key)
+
+
+def upgrade_format1_state_dict(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a model file of bundle format 1 in today's names. Format 1 stored MSTemba
+    weights under the release's names (TLMs as `tlms.{k-1}`); other models' are unchanged."""
+    if issubclass(model_class(model_name), MSTemba):
+        return release_to_model_state_dict(state_dict)
+    return dict(state_dict)
+
+
+def _renamed(state_dict: Mapping[str, torch.Tensor], rename) -> "OrderedDict[str, torch.Tensor]":
+    renamed: OrderedDict[str, torch.Tensor] = OrderedDict()
+    sources: dict[str, str] = {}
+    for key, value in state_dict.items():
+        new = rename(key)
+        if new in renamed:
+            raise CheckpointError(f"the state dict has both {sources[new]!r} and {key!r}, which are the "
+                                         f"same tensor {new!r} under two layouts")
+        renamed[new], sources[new] = value, key
+    return renamed
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
 
 def _overrides(config: MSTembaConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)

@@ -17,10 +17,18 @@ frame, a logit per action class (several actions can happen at once). Data flow:
 Block k thus sees time at a stride of k frames: block 1 models fine-grained local dynamics, later
 blocks longer ranges at the same cost, and the fuser combines the scales.
 
-Module names follow the official release so its checkpoints load 1:1: `blocks` interleaves the
-projections (`blocks.{2k-2}`) and the DTS modules (`blocks.{2k-1}`); block 1's DTS has a single
-branch and the release stores it bare (`blocks.1.layers...`), block k > 1 stores its branches as a
-list (`blocks.{2k-1}.{i}.layers...`). The TLMs are not in the release and live in `tlms`.
+The modules follow that structure (block k is `blocks[k - 1]`, counted from 0 as in a list):
+
+    proj                                     Linear(in_dim, width_1)
+    blocks[k - 1]: MSTembaBlock              .projection, .tlm (None without TLMs),
+                                             .dts.branches[i] (a BiMambaStack, i = 0..k-1)
+    block_heads[k - 1]                       Linear(width_k, num_classes)
+    fuser: TembaFuser                        .scale_projs[k - 1], .norm, .interaction_block
+    head                                     Linear(width_K, num_classes)
+
+The official release names the same tensors differently (its `blocks` interleaves projections and
+DTS modules, `scale_proj1..K` are separate attributes); `ms_temba.convert` maps its checkpoints, and
+the previous bundle format's state dicts, to these names.
 
 Padding: sequences in a batch are padded at the end (mask False). Padded frames are zeroed before
 every operation that mixes frames (the TLM conv, both SSM scans; see mamba.py) and the DTS treats
@@ -50,7 +58,10 @@ __all__ = [
     "MSTembaOutput",
     "BiMambaLayer",
     "BiMambaStack",
+    "DilatedTemporalSSM",
     "LinearProjection",
+    "MSTembaBlock",
+    "TembaFuser",
     "TemporalLocalModule",
     "dilated_temporal_ssm",
     "init_class_prior",
@@ -219,6 +230,59 @@ def dilated_temporal_ssm(
     return out, torch.stack(cs, dim=1)
 
 
+class DilatedTemporalSSM(nn.Module):
+    """The DTS of block k: `branches[i]` (a BiMambaStack) models the sub-sequence of frames
+    t = i mod k; see `dilated_temporal_ssm`. forward(x, mask) -> (out, C)."""
+
+    def __init__(self, branches: list[BiMambaStack]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dilated_temporal_ssm(x, mask, self.branches)
+
+
+class MSTembaBlock(nn.Module):
+    """Block k of MS-Temba: projection to width_k, TLM with dilation k (or None), DTS with k branches.
+
+    forward(x, mask) -> (out (batch, time, width_k), C (batch, k, ceil(time / k), 2 * d_state)).
+    """
+
+    def __init__(self, projection: LinearProjection, tlm: TemporalLocalModule | None,
+                 dts: DilatedTemporalSSM):
+        super().__init__()
+        self.projection = projection
+        self.tlm = tlm
+        self.dts = dts
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.projection(x)
+        if self.tlm is not None:
+            x = self.tlm(x, mask)
+        return self.dts(x, mask)
+
+
+class TembaFuser(nn.Module):
+    """The Temba Fuser: brings every block's output to the last width (`scale_projs[k - 1]`),
+    normalises each with the shared LayerNorm (so no scale dominates the sum), sums them, and lets
+    one bidirectional Mamba layer (`interaction_block`) mix the scales over time.
+
+    forward(block_outputs, mask) -> (batch, time, widths[-1]).
+    """
+
+    def __init__(self, scale_projs: list[nn.Linear], norm: nn.LayerNorm,
+                 interaction_block: BiMambaStack):
+        super().__init__()
+        self.scale_projs = nn.ModuleList(scale_projs)
+        self.norm = norm
+        self.interaction_block = interaction_block
+
+    def forward(self, block_outputs: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        fused = sum(self.norm(proj(out)) for proj, out in zip(self.scale_projs, block_outputs))
+        fused, _ = self.interaction_block(fused, mask)
+        return fused
+
+
 class MSTemba(nn.Module):
     """The MS-Temba network; see the module docstring. Build it with `ms_temba.create_model`."""
 
@@ -232,30 +296,26 @@ class MSTemba(nn.Module):
             return BiMambaStack(width, depth, config.d_state, config.d_conv, config.expand,
                                 config.dropout)
 
+        # Every module draws its initial weights from the random generator when it is built, so
+        # the construction order is part of what a seed means. It is kept from the previous layout
+        # (bundle format 1), so a seed gives the same weights as before: all projections and DTS
+        # modules, then the TLMs, the block heads and the fuser; then they are assembled.
         self.proj = nn.Linear(config.in_dim, widths[0])
-        self.blocks = nn.ModuleList()
+        projections, dts_modules = [], []
         previous_width = widths[0]
         for k, width in enumerate(widths, start=1):
-            self.blocks.append(LinearProjection(previous_width, width))
-            branches = [bimamba_stack(width, config.layers_per_branch) for _ in range(k)]
-            # The release stores a single branch bare and several as a list (see module docstring).
-            self.blocks.append(branches[0] if k == 1 else nn.ModuleList(branches))
+            projections.append(LinearProjection(previous_width, width))
+            dts_modules.append(DilatedTemporalSSM(
+                [bimamba_stack(width, config.layers_per_branch) for _ in range(k)]))
             previous_width = width
-        self.tlms = (
-            nn.ModuleList(
-                [TemporalLocalModule(width, config.tlm_kernel, dilation=k)
-                 for k, width in enumerate(widths, start=1)]
-            )
-            if config.tlm
-            else None
-        )
+        tlms = [TemporalLocalModule(width, config.tlm_kernel, dilation=k) if config.tlm else None
+                for k, width in enumerate(widths, start=1)]
+        self.blocks = nn.ModuleList([MSTembaBlock(*parts)
+                                     for parts in zip(projections, tlms, dts_modules)])
         self.block_heads = nn.ModuleList([nn.Linear(width, config.num_classes) for width in widths])
-
-        # Temba Fuser. scale_proj1..K are separate attributes (not a list) as in the release.
-        for k, width in enumerate(widths, start=1):
-            self.add_module(f"scale_proj{k}", nn.Linear(width, widths[-1]))
-        self.norm = nn.LayerNorm(widths[-1])
-        self.interaction_block = bimamba_stack(widths[-1], 1)
+        scale_projs = [nn.Linear(width, widths[-1]) for width in widths]
+        norm = nn.LayerNorm(widths[-1])
+        self.fuser = TembaFuser(scale_projs, norm, bimamba_stack(widths[-1], 1))
         self.head = nn.Linear(widths[-1], config.num_classes)
 
         self._init_weights()
@@ -276,19 +336,6 @@ class MSTemba(nn.Module):
         """The layers whose outputs are class logits: the fused head and every block head."""
         return [self.head, *self.block_heads]
 
-    def projection(self, k: int) -> LinearProjection:
-        """Block k's input projection (k = 1..K)."""
-        return self.blocks[2 * k - 2]
-
-    def branches(self, k: int) -> list[BiMambaStack]:
-        """Block k's DTS branches (k = 1..K); branch i handles frames t = i mod k."""
-        dts = self.blocks[2 * k - 1]
-        return [dts] if isinstance(dts, BiMambaStack) else list(dts)
-
-    @property
-    def scale_projs(self) -> list[nn.Linear]:
-        return [getattr(self, f"scale_proj{k}") for k in range(1, self.config.num_blocks + 1)]
-
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MSTembaOutput:
         """
         Args:
@@ -300,20 +347,12 @@ class MSTemba(nn.Module):
         x = self.proj(features.masked_fill(~mask.unsqueeze(-1), 0.0))
 
         block_outputs, branch_c = [], []
-        for k in range(1, self.config.num_blocks + 1):
-            x = self.projection(k)(x)
-            if self.tlms is not None:
-                x = self.tlms[k - 1](x, mask)
-            x, c = dilated_temporal_ssm(x, mask, self.branches(k))
+        for block in self.blocks:
+            x, c = block(x, mask)
             block_outputs.append(x)
             branch_c.append(c)
         block_logits = [head(out) for head, out in zip(self.block_heads, block_outputs)]
-
-        # Temba Fuser: bring every scale to the last width, normalise each with the shared
-        # LayerNorm (so no scale dominates the sum), sum, and let one bidirectional Mamba layer
-        # mix the scales over time.
-        fused = sum(self.norm(proj(out)) for proj, out in zip(self.scale_projs, block_outputs))
-        fused, _ = self.interaction_block(fused, mask)
+        fused = self.fuser(block_outputs, mask)
         return MSTembaOutput(self.head(fused), block_logits, branch_c, mask)
 
     def _check_input(self, features, mask) -> torch.Tensor:
@@ -395,18 +434,23 @@ def _count(module: nn.Module | None) -> int:
 
 
 def model_summary(model: MSTemba) -> str:
-    """A table of parameter counts per module, the total, and the total without the TLMs (the
-    size of the release's architecture)."""
+    """A table of parameter counts per part (`proj`, `blocks.0.projection`, `blocks.0.tlm`,
+    `blocks.0.dts`, ..., `fuser.interaction_block`, `head`), the total, and the total without the
+    TLMs (the size of the release's architecture)."""
     if not isinstance(model, MSTemba):
         raise TypeError(f"model_summary expects an MSTemba, got {type(model).__name__}")
-    rows = []
-    for name, child in model.named_children():
-        if isinstance(child, nn.ModuleList):
-            rows += [(f"{name}.{i}", _count(sub)) for i, sub in enumerate(child)]
-        else:
-            rows.append((name, _count(child)))
+
+    def rows_of(name: str, module: nn.Module) -> list[tuple[str, int]]:
+        # One row per leaf part: lists, blocks and the fuser are opened (blocks.0.projection, ...).
+        if isinstance(module, (nn.ModuleList, MSTembaBlock, TembaFuser)):
+            return [row for child_name, child in module.named_children()
+                    for row in rows_of(f"{name}.{child_name}", child)]
+        return [(name, _count(module))]
+
+    rows = [row for name, child in model.named_children() for row in rows_of(name, child)]
     total = _count(model)
-    rows += [("total", total), ("total without TLM", total - _count(model.tlms))]
+    tlm = sum(_count(block.tlm) for block in model.blocks)
+    rows += [("total", total), ("total without TLM", total - tlm)]
     name_width = max(len(name) for name, _ in rows)
     lines = [f"MSTemba({model.config})"]
     lines += [f"{name:<{name_width}}  {count:>12,}" for name, count in rows]
@@ -425,7 +469,8 @@ def ms_temba() -> MSTembaConfig:
 
 @register_model(MSTemba)
 def ms_temba_release() -> MSTembaConfig:
-    """Exactly the official release's architecture (no TLMs); loads its checkpoints 1:1."""
+    """Exactly the official release's architecture (no TLMs); its checkpoints load through
+    `ms_temba.convert` (the same tensors under our module names)."""
     return MSTembaConfig(tlm=False)
 
 

@@ -20,7 +20,10 @@ import torch
 
 from extractors.files import atomic_path
 
-BUNDLE_FORMAT = 1
+# 2: MSTemba weights under its own module names (blocks.{k}.projection/.tlm/.dts, fuser.*).
+# 1: the same under the official release's names; converted on load (ms_temba.convert).
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -64,7 +67,15 @@ def save_bundle(path: str | Path, bundle: ModelBundle) -> None:
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
+    """The ModelBundle in `path`, in the current format: a file of an older format is converted
+    (format 1: `ms_temba.convert.upgrade_format1_state_dict`). ValueError for any other file."""
     content = torch.load(path, map_location="cpu", weights_only=True)
-    if content.pop("format", None) != BUNDLE_FORMAT:
-        raise ValueError(f"{path} is not an ms-temba model file of format {BUNDLE_FORMAT}")
+    file_format = content.pop("format", None) if isinstance(content, dict) else None
+    if file_format not in READABLE_FORMATS:
+        raise ValueError(f"{path} is not an ms-temba model file of format "
+                         f"{' or '.join(map(str, READABLE_FORMATS))}")
+    if file_format == 1:
+        from ms_temba.convert import upgrade_format1_state_dict
+
+        content["state_dict"] = upgrade_format1_state_dict(content["model_name"], content["state_dict"])
     return ModelBundle(**content)

@@ -18,7 +18,10 @@ from ms_temba.convert import (
     ReleaseCheckpointError,
     convert_release_state_dict,
     load_release_checkpoint,
+    model_to_release_key,
+    model_to_release_state_dict,
     read_release_state_dict,
+    release_to_model_key,
 )
 from shared_data import read_reference_shapes
 
@@ -43,7 +46,7 @@ def release_shapes(config: ms_temba.MSTembaConfig) -> dict[str, tuple[int, ...]]
     """The key -> shape table of a release model with this config: our tlm=False architecture's
     keys plus the 1000-way head of every VisionMamba stack (which our model does not have)."""
     model = ms_temba.create_model("ms_temba_release", **{**SMALL, **_fields(config)})
-    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    shapes = {key: tuple(value.shape) for key, value in model_to_release_state_dict(model.state_dict()).items()}
     stacks = ["blocks.1"] + [f"blocks.{2 * k - 1}.{i}" for k in range(2, len(config.widths) + 1)
                              for i in range(k)] + ["interaction_block"]
     for stack in stacks:
@@ -72,19 +75,19 @@ def test_reference_key_list_converts_to_the_paper_configuration():
     # Exactly the release's keys minus the 14 VisionMamba heads, tensors passed through untouched.
     heads = [key for key in shapes if HEAD_KEY.match(key)]
     assert len(heads) == 2 * (1 + 2 + 3 + 1)
-    assert set(converted) == set(shapes) - set(heads)
-    assert all(converted[key] is state[key] for key in converted)
+    assert set(model_to_release_state_dict(converted)) == set(shapes) - set(heads)
+    assert all(converted[key] is state[model_to_release_key(key)] for key in converted)
 
     model = load_release_checkpoint(state)
     assert model.config == config and not model.training
     for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+        assert torch.equal(value, state[model_to_release_key(key)]), key
 
 
 def test_small_release_state_dict_gives_the_same_outputs_as_the_project_model():
     torch.manual_seed(0)
     ours = ms_temba.create_model("ms_temba_release", **SMALL).eval()
-    state = {key: value.clone() for key, value in ours.state_dict().items()}
+    state = {key: value.clone() for key, value in model_to_release_state_dict(ours.state_dict()).items()}
     # Add the release-only heads; they must be dropped.
     for key, shape in release_shapes(ours.config).items():
         state.setdefault(key, torch.randn(shape))
@@ -305,3 +308,116 @@ def test_forward_differs_from_the_release_only_through_block_three_padding(relea
     assert not torch.allclose(ours.block_logits[2], block_logits[2], rtol=1e-6, atol=1e-6)
     # Branch 0 (frames 0, 3, ..., 12) has no padding appended: its frames agree.
     torch.testing.assert_close(ours.block_logits[2][:, 0::3], block_logits[2][:, 0::3], rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# The key mapping, and model files of the previous bundle format (the release's names)
+# --------------------------------------------------------------------------------------------
+
+def format1_name(key: str) -> str:
+    """The name bundle format 1 (= the release's names, TLMs as `tlms.{k}`) gave our key `key`,
+    written out by hand here independently of ms_temba.convert."""
+    parts = key.split(".")
+    if parts[0] == "blocks":
+        block, part, rest = int(parts[1]), parts[2], parts[3:]
+        if part == "projection":  # projections and DTS modules interleaved: 0, 2, 4, ...
+            return ".".join(["blocks", str(2 * block), *rest])
+        if part == "tlm":
+            return ".".join(["tlms", str(block), *rest])
+        assert part == "dts" and rest[0] == "branches"
+        branch, rest = rest[1], rest[2:]
+        if block == 0:  # block 1's single branch is stored bare
+            assert branch == "0"
+            return ".".join(["blocks", "1", *rest])
+        return ".".join(["blocks", str(2 * block + 1), branch, *rest])
+    if parts[0] == "fuser":
+        if parts[1] == "scale_projs":
+            return ".".join([f"scale_proj{int(parts[2]) + 1}", *parts[3:]])
+        return ".".join(parts[1:])
+    return key
+
+
+def test_key_mapping_is_the_hand_written_one_both_ways():
+    model = ms_temba.create_model("ms_temba_tiny", widths=(8, 12, 16, 20), layers_per_branch=2)
+    keys = list(model.state_dict())
+    assert {key.split(".")[0] for key in keys} == {"proj", "blocks", "block_heads", "fuser", "head"}
+    for key in keys:
+        assert model_to_release_key(key) == format1_name(key), key
+        assert release_to_model_key(format1_name(key)) == key, key
+    assert len({format1_name(key) for key in keys}) == len(keys)
+    assert model_to_release_key("blocks.2.projection.linear.weight") == "blocks.4.linear.weight"
+    assert model_to_release_key("blocks.0.dts.branches.0.norm_f.weight") == "blocks.1.norm_f.weight"
+    assert model_to_release_key("blocks.2.dts.branches.1.layers.0.mixer.D") == "blocks.5.1.layers.0.mixer.D"
+    assert model_to_release_key("fuser.scale_projs.0.bias") == "scale_proj1.bias"
+    assert model_to_release_key("fuser.interaction_block.norm_f.weight") == "interaction_block.norm_f.weight"
+    # The release's unused VisionMamba heads map too (they are dropped after the mapping).
+    assert release_to_model_key("blocks.3.1.head.weight") == "blocks.1.dts.branches.1.head.weight"
+    assert release_to_model_key("interaction_block.head.bias") == "fuser.interaction_block.head.bias"
+
+
+def test_reference_key_list_round_trips_through_our_names():
+    shapes = read_reference_shapes("ms_temba_release_keys_i3d_157.tsv")
+    kept = [key for key in shapes if not HEAD_KEY.match(key)]
+    ours = ms_temba.create_model("ms_temba_release").state_dict()
+    assert {release_to_model_key(key): shapes[key] for key in kept} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert [format1_name(key) for key in ours] == [model_to_release_key(key) for key in ours]
+    assert all(model_to_release_key(release_to_model_key(key)) == key for key in shapes)
+
+
+@pytest.mark.parametrize("model_name", ["ms_temba_tiny", "ms_temba_release"])
+def test_previous_format_model_file_loads_and_gives_the_same_outputs(tmp_path, model_name):
+    import dataclasses
+    import math
+
+    from pipelines.bundle import BUNDLE_FORMAT, ModelBundle, load_bundle, save_bundle
+
+    torch.manual_seed(4)
+    model = ms_temba.create_model(model_name, in_dim=16, num_classes=3, widths=(8, 12, 16), d_state=4).eval()
+    bundle = ModelBundle(
+        model_name=model_name, model_config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
+        class_names=["a", "b", "c"], features={"dim": 16}, dataset="test", train_params={}, selected_epoch=2,
+        val_map=12.5, train_videos=["v1"], val_videos=["v2"])
+    # A file as format 1 wrote it: MSTemba's weights under the release's names (TLMs as tlms.{k}).
+    old = {**dataclasses.asdict(bundle), "state_dict": {format1_name(k): v for k, v in model.state_dict().items()}}
+    assert "scale_proj1.weight" in old["state_dict"] and "blocks.5.2.norm_f.weight" in old["state_dict"]
+    assert ("tlms.2.conv.weight" in old["state_dict"]) == model.config.tlm
+    with open(tmp_path / "old.pt", "wb") as file:
+        torch.save({"format": 1, **old}, file)
+
+    loaded = load_bundle(tmp_path / "old.pt")
+    assert BUNDLE_FORMAT == 2
+    assert list(loaded.state_dict) == list(model.state_dict())
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in model.state_dict().items())
+    assert (loaded.class_names, loaded.selected_epoch, loaded.val_map) == (["a", "b", "c"], 2, 12.5)
+    features = torch.randn(2, 11, 16)
+    mask = torch.tensor([[True] * 11, [True] * 7 + [False] * 4])
+    with torch.no_grad():
+        expected, got = model(features, mask), loaded.build_model()(features, mask)
+    assert torch.equal(expected.logits, got.logits)
+    for a, b in zip(expected.block_logits, got.block_logits):
+        assert torch.equal(a, b)
+
+    # Saved again it is a file of the current format, which loads unchanged.
+    save_bundle(tmp_path / "new.pt", loaded)
+    assert torch.load(tmp_path / "new.pt", weights_only=True)["format"] == BUNDLE_FORMAT
+    again = load_bundle(tmp_path / "new.pt")
+    assert list(again.state_dict) == list(model.state_dict()) and math.isclose(again.val_map, 12.5)
+
+
+def test_previous_format_model_file_of_a_baseline_is_unchanged(tmp_path):
+    import dataclasses
+
+    from pipelines.bundle import ModelBundle, load_bundle
+
+    model = ms_temba.create_model("mstcn", in_dim=16, num_classes=3)
+    bundle = ModelBundle(
+        model_name="mstcn", model_config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
+        class_names=["a", "b", "c"], features={"dim": 16}, dataset="test", train_params={}, selected_epoch=1,
+        val_map=1.0, train_videos=[], val_videos=[])
+    with open(tmp_path / "old.pt", "wb") as file:
+        torch.save({"format": 1, **dataclasses.asdict(bundle)}, file)
+    assert list(load_bundle(tmp_path / "old.pt").state_dict) == list(model.state_dict())
+    with open(tmp_path / "other.pt", "wb") as file:
+        torch.save({"format": 0, **dataclasses.asdict(bundle)}, file)
+    with pytest.raises(ValueError, match="not an ms-temba model file"):
+        load_bundle(tmp_path / "other.pt")

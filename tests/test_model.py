@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ms_temba
+from ms_temba.convert import model_to_release_state_dict
 from ms_temba.mamba import BiMamba
 from ms_temba.model import MSTemba, MSTembaConfig, dilated_temporal_ssm
 from ms_temba.ops import causal_conv1d_ref, selective_scan_ref
@@ -95,11 +96,12 @@ def reference_ms_temba(model: MSTemba, features):
     x = reference_linear(features.double(), model.proj)
     block_outputs, block_cs = [], []
     for k in range(1, cfg.num_blocks + 1):
-        projection = model.blocks[2 * k - 2]
+        block = model.blocks[k - 1]
+        projection = block.projection
         x = reference_layer_norm(reference_linear(x, projection.linear), projection.norm)
         x = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))  # exact GELU
         if cfg.tlm:
-            conv = model.tlms[k - 1].conv
+            conv = block.tlm.conv
             half = (cfg.tlm_kernel - 1) // 2
             conv_out = torch.zeros_like(x) + conv.bias.double()
             for t in range(x.shape[0]):
@@ -108,8 +110,7 @@ def reference_ms_temba(model: MSTemba, features):
                     if 0 <= s < x.shape[0]:
                         conv_out[t] += conv.weight[:, 0, j].double() * x[s]
             x = x + conv_out
-        dts = model.blocks[2 * k - 1]
-        branches = [dts] if k == 1 else list(dts)
+        branches = list(block.dts.branches)
         out, cs = torch.zeros_like(x), []
         for i, branch in enumerate(branches):
             if i < x.shape[0]:
@@ -118,12 +119,12 @@ def reference_ms_temba(model: MSTemba, features):
         x = out
         block_outputs.append(out)
         block_cs.append(cs)
-    scale_projs = [getattr(model, f"scale_proj{k}") for k in range(1, cfg.num_blocks + 1)]
+    scale_projs = list(model.fuser.scale_projs)
     fused = sum(
-        reference_layer_norm(reference_linear(out, scale_proj), model.norm)
+        reference_layer_norm(reference_linear(out, scale_proj), model.fuser.norm)
         for out, scale_proj in zip(block_outputs, scale_projs)
     )
-    fused, _ = reference_stack(model.interaction_block, fused)
+    fused, _ = reference_stack(model.fuser.interaction_block, fused)
     logits = reference_linear(fused, model.head)
     block_logits = [
         reference_linear(out, head) for out, head in zip(block_outputs, model.block_heads)
@@ -314,7 +315,7 @@ def test_dilated_ssm_equals_each_subsequence_alone(length):
     torch.manual_seed(length)
     with torch.no_grad():
         for k in (2, 3):
-            branches = model.branches(k)
+            branches = model.blocks[k - 1].dts.branches
             assert len(branches) == k
             x = torch.randn(2, length, model.config.widths[k - 1])
             mask = torch.ones(2, length, dtype=torch.bool)
@@ -367,12 +368,13 @@ def test_state_dict_matches_release_keys():
             assert shape[0] == 1000
             continue
         reference[key] = shape
+    # Our module names differ from the release's; ms_temba.convert maps them (key by key, 1:1).
     model = ms_temba.create_model("ms_temba_release")
-    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    ours = {key: tuple(value.shape) for key, value in model_to_release_state_dict(model.state_dict()).items()}
     assert ours == reference
     assert sum(math.prod(s) for s in reference.values()) == 13_344_244
     # The same architecture with TLMs adds only the TLM parameters, under their own names.
-    with_tlm = ms_temba.create_model("ms_temba").state_dict()
+    with_tlm = model_to_release_state_dict(ms_temba.create_model("ms_temba").state_dict())
     without_tlm = {k: tuple(v.shape) for k, v in with_tlm.items() if not k.startswith("tlms.")}
     assert without_tlm == reference
 
@@ -458,9 +460,9 @@ def test_model_summary_counts():
     model = ms_temba.create_model("ms_temba_tiny")
     summary = ms_temba.model_summary(model)
     total = sum(p.numel() for p in model.parameters())
-    tlm = sum(p.numel() for p in model.tlms.parameters())
+    tlm = sum(p.numel() for block in model.blocks for p in block.tlm.parameters())
     assert f"{total:,}" in summary and f"{total - tlm:,}" in summary
-    assert "interaction_block" in summary and "tlms.2" in summary
+    assert "interaction_block" in summary and "blocks.2.tlm" in summary
     release = ms_temba.model_summary(ms_temba.create_model("ms_temba_release"))
     assert "13,344,244" in release
 
