@@ -1,6 +1,7 @@
 """Files written whole or not at all, and file digests: the one implementation of each, used by the
-extractors (shards, failure records, checkpoint provenance) and the pipelines (`pipelines.io`, model
-files, predictions), which import it from here (extractors never import the pipelines).
+extractors (shards, failure records, checkpoint provenance, the source files of features) and the
+pipelines (`pipelines.io`, model files, predictions), which import it from here (extractors never
+import the pipelines).
 
 A file written through `atomic_path` appears under its final name only complete: it is written
 under a temporary name in the same directory (`.<name>.<random hex>.tmp`, so os.replace is an
@@ -15,7 +16,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -46,3 +47,20 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_identity(path: str | os.PathLike, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{"bytes", "mtime_ns", "sha256"} of a file. The sha256 is taken from `known` (an earlier
+    identity of the file) when size and modification time are both unchanged, so an unchanged file
+    is not read again; otherwise the file is hashed. OSError if the file cannot be read."""
+    stat = os.stat(path)
+    if (known and known.get("sha256") and known.get("bytes") == stat.st_size
+            and known.get("mtime_ns") == stat.st_mtime_ns):
+        return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": known["sha256"]}
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+
+
+def same_content(identity: Mapping[str, Any] | None, other: Mapping[str, Any] | None) -> bool:
+    """Whether two file_identity records describe the same bytes (the modification time aside)."""
+    return (isinstance(identity, Mapping) and isinstance(other, Mapping) and bool(identity.get("sha256"))
+            and identity.get("sha256") == other.get("sha256") and identity.get("bytes") == other.get("bytes"))

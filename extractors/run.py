@@ -1,6 +1,6 @@
 """Feature extraction over Ray: videos fan out to actors that each hold one backbone; the driver writes shards.
 
-    extract_videos({video_id: path}, cfg, out_dir)  ->  ExtractionSummary(ok, skipped, failed)
+    extract_videos({video_id: path}, cfg, out_dir)  ->  ExtractionSummary(ok, skipped, failed, changed)
 
 How the work is organised, and why:
 
@@ -10,8 +10,16 @@ How the work is organised, and why:
   atomically (`shards.write_shard`) once every video of its group has come back, so a shard on
   disk is always complete and a crash anywhere loses at most the groups still in flight.
 * Resuming. A video is done when it is in a shard present in `out_dir` (the shards are the
-  done-list). A rerun extracts only the other videos; when a group's shard already exists
-  (some of its videos had failed before), it is rewritten with its old rows plus the new ones.
+  done-list) and its video file is the one its features were computed from. `sources.json` in
+  `out_dir` records each video file's size, modification time and sha256
+  (`extractors.shards.changed_sources`); at the start of a run, a stored video whose file now has
+  other content (replaced, re-encoded, regenerated under the same name), or that has no record, is
+  removed from its shard (the shard is rewritten without it, or deleted if nothing else is in it)
+  before the new record is written, and extracted again (`ExtractionSummary.changed`). Only files
+  whose size or modification time changed are hashed again; one rewritten with the same bytes is
+  not extracted again. A rerun extracts only the videos not done; when a group's shard already
+  exists (some of its videos had failed before, or were removed as stale), it is rewritten with
+  its old rows plus the new ones.
 * Actors. One per GPU (num_gpus=1) when the cluster has GPUs and cfg.device allows, else one per
   CPU core (num_cpus=1), or cfg.num_actors. Each builds the backbone once and pulls one video at a
   time, so a long video never holds up the queue and a failure concerns one video only.
@@ -40,8 +48,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from extractors.config import ExtractorConfig
-from extractors.shards import (FeatureStore, VideoFeatures, failure_record, iter_shard, metadata_mismatch,
-                               remove_stale_temporaries, write_failures, write_shard)
+from extractors.shards import (FeatureStore, VideoFeatures, _read_footer, changed_sources, failure_record, iter_shard,
+                               metadata_mismatch, remove_stale_temporaries, write_failures, write_shard, write_sources)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 # A worker process that dies is restarted this often; the video it was working on is retried once.
@@ -61,9 +69,11 @@ class ExtractionSummary:
     ok: int  # videos extracted and written by this run
     skipped: int  # videos already in a shard
     failed: int  # videos recorded in failures.jsonl by this run
+    changed: int = 0  # stored videos whose file changed: their features were dropped and extracted again
 
     def __str__(self) -> str:
-        return f"{self.ok} ok, {self.skipped} skipped (already done), {self.failed} failed"
+        text = f"{self.ok} ok, {self.skipped} skipped (already done), {self.failed} failed"
+        return text + (f"; {self.changed} extracted again: their video file changed" if self.changed else "")
 
 
 def shard_name(index: int) -> str:
@@ -173,6 +183,9 @@ def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig
     remove_stale_temporaries(out_dir)  # a killed run's half-written shard or failures file
 
     store = FeatureStore(out_dir)
+    changed = drop_changed_videos(out_dir, store, paths)
+    if changed:
+        store = FeatureStore(out_dir)
     skipped = sum(video_id in store for video_id in paths)
     groups = plan_shards(paths, cfg.videos_per_shard)
     pending = {shard: [v for v in group if v not in store] for shard, group in enumerate(groups)}
@@ -182,7 +195,7 @@ def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig
     # Earlier failures of videos not attempted now stay on record; this run's attempts replace the rest.
     failures = [f for f in store.failures if f.get("video_id") not in shard_of]
     if not queue:
-        return ExtractionSummary(ok=0, skipped=skipped, failed=0)
+        return ExtractionSummary(ok=0, skipped=skipped, failed=0, changed=len(changed))
 
     started_ray = _connect(ray_address)
     actor_class, num_actors = _actor_class(cfg)
@@ -234,12 +247,35 @@ def extract_videos(videos: Mapping[str, str | os.PathLike], cfg: ExtractorConfig
                 if remaining[shard] == 0:
                     _write_group(out_dir / shard_name(shard), results.pop(shard), metadata)
         write_failures(out_dir, failures)
-        return ExtractionSummary(ok=ok, skipped=skipped, failed=failed)
+        return ExtractionSummary(ok=ok, skipped=skipped, failed=failed, changed=len(changed))
     finally:
         for actor in actors:
             ray.kill(actor)
         if started_ray:
             ray.shutdown()
+
+
+def drop_changed_videos(out_dir: Path, store: FeatureStore, paths: Mapping[str, str]) -> list[str]:
+    """Remove from the shards of out_dir the videos whose file changed since they were extracted
+    (or that have no record of their file), then record the files' current identities in
+    out_dir/sources.json (extractors.shards.changed_sources). Returns the removed video ids.
+
+    A shard holding such videos is rewritten (atomically) with its other videos only, or deleted
+    if it holds nothing else; the run then extracts the removed videos as missing ones. The record
+    is written last: a run killed before finds the same videos stale, or already removed."""
+    stale, record = changed_sources(out_dir, paths, store.video_ids)
+    by_shard: dict[Path, set[str]] = collections.defaultdict(set)
+    for video_id in stale:
+        by_shard[store.shard_of(video_id)].add(video_id)
+    for shard, removed in sorted(by_shard.items()):
+        metadata, video_ids, _ = _read_footer(shard)
+        kept = [video_id for video_id in video_ids if video_id not in removed]
+        if kept:
+            write_shard(shard, [(v, features) for v, features in iter_shard(shard) if v not in removed], metadata)
+        else:
+            shard.unlink()
+    write_sources(out_dir, record)
+    return stale
 
 
 def _write_group(path: Path, new: dict[str, VideoFeatures], metadata: Mapping[str, Any]) -> None:

@@ -17,6 +17,11 @@ A shard appears under its final name only once it is complete (written under a t
 the same directory, flushed to disk, then renamed: `extractors.files.atomic_path`), so the set of
 shards present is the record of finished work. Videos that failed are listed in `failures.jsonl`
 next to the shards, one `failure_record` per line (`write_failures`, also for `ms-temba predict`).
+
+Features are valid only for the file they were computed from: `sources.json` next to the shards
+records each video's source file ({video_id: extractors.files.file_identity}), and a writer that
+resumes into the directory first drops the stored videos whose file changed (`changed_sources`),
+so a video replaced under the same name is computed again instead of being skipped as done.
 """
 from __future__ import annotations
 
@@ -31,11 +36,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extractors.files import atomic_path
+from extractors.files import atomic_path, file_identity, same_content
 
 EXTRACTOR_METADATA_KEY = "ms_temba.extractor"
 VIDEO_IDS_KEY = "ms_temba.video_ids"
 FAILURES_FILE = "failures.jsonl"
+SOURCES_FILE = "sources.json"
 SHARD_SUFFIX = ".parquet"
 # Keys that may differ between shards of one directory (everything else must agree).
 _PROVENANCE_KEYS = frozenset({"package_version"})
@@ -211,6 +217,56 @@ def write_failures(directory: str | os.PathLike, failures: Iterable[Mapping[str,
         return
     with atomic_path(path) as temporary:
         temporary.write_text(lines)
+
+
+def read_sources(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The source-file record of a shard directory ({video_id: file_identity}); {} if there is none
+    (or it cannot be read: every stored video then counts as of unknown origin)."""
+    path = Path(directory) / SOURCES_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_sources(directory: str | os.PathLike, record: Mapping[str, Mapping[str, Any]]) -> None:
+    """Replace `directory`/sources.json atomically with `record` (left alone when it says the same)."""
+    if read_sources(directory) == record:
+        return
+    with atomic_path(Path(directory) / SOURCES_FILE) as temporary:
+        temporary.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+
+
+def changed_sources(directory: str | os.PathLike, paths: Mapping[str, str | os.PathLike],
+                    stored: Iterable[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """(the stored videos of `paths` ({video_id: source file}) whose features are stale, the source
+    record to write once they are out of the store).
+
+    A stored video is stale when its file's content (size, sha256) differs from the record in
+    `directory`, or when the record has no entry for it (features of unknown origin). A file is
+    hashed only when its size or modification time differ from the record, so an unchanged file is
+    not read and a file rewritten with the same bytes (a regenerated dataset, `touch`) is not stale.
+    A file that cannot be read is left as it is (its features and its record stay; extracting it
+    fails and is recorded as a failure). Entries of videos not in `paths` are kept.
+
+    The caller removes the stale videos from the store, then writes the record (`write_sources`):
+    in that order, a run killed in between still finds them stale, or already gone, when resumed.
+    """
+    recorded = read_sources(directory)
+    record = dict(recorded)
+    stored = set(stored)
+    stale = []
+    for video_id, path in sorted(paths.items()):
+        known = recorded.get(video_id)
+        try:
+            identity = file_identity(path, known if isinstance(known, dict) else None)
+        except OSError:
+            continue
+        record[video_id] = identity
+        if video_id in stored and not same_content(known, identity):
+            stale.append(video_id)
+    return stale, record
 
 
 class FeatureStore:

@@ -15,7 +15,11 @@ Reliability (docs/reliability.md):
   `failures.jsonl` (written as each failure happens) and the other files are imported.
 * Resuming. Sorted ids are cut into groups of `videos_per_shard`, group g -> `npy-{g:05d}.parquet`
   (written atomically). A rerun with the same settings keeps every shard that holds exactly its
-  group and imports only the other groups; temporary files of a killed run are removed.
+  group and whose .npy files are the ones it was imported from, and imports only the other
+  groups; temporary files of a killed run are removed. `sources.json` records each .npy file's
+  size, modification time and sha256 (extractors.shards.changed_sources): a group with a file
+  replaced under the same name (other content), or with no record, is imported again; a file
+  rewritten with the same bytes is not (only files whose size or time changed are hashed again).
   `import_npy.json` says `"complete": false` until the run has finished.
 * Re-importing with other settings (`--hop-s`, `--window-s`, `--fps`, another source folder) into
   a folder of imported shards replaces the whole store: the new one is built next to it (in
@@ -34,8 +38,8 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from extractors.shards import SHARD_SUFFIX, VideoFeatures, _read_footer, failure_record, remove_stale_temporaries, \
-    write_failures, write_shard
+from extractors.shards import SHARD_SUFFIX, VideoFeatures, _read_footer, changed_sources, failure_record, \
+    remove_stale_temporaries, write_failures, write_shard, write_sources
 from pipelines.io import write_json
 
 SHARD_PATTERN = "npy-{:05d}.parquet"
@@ -162,14 +166,18 @@ def import_npy(src_dir: str | Path, out_dir: str | Path, hop_s: float, fps: floa
 
     groups = [video_ids[start:start + videos_per_shard] for start in range(0, len(video_ids), videos_per_shard)]
     planned = {SHARD_PATTERN.format(g): group for g, group in enumerate(groups)}
-    # Shards that do not hold exactly their group (other grouping, other video set, unreadable) go
-    # first, so the store never holds a video twice.
+    # Shards that do not hold exactly their group (other grouping, other video set, unreadable) or
+    # hold a video whose .npy file changed go first, so the store never holds a video twice or a
+    # stale one. Then the files are recorded (a kill in between finds the same shards to redo).
+    stale, sources = changed_sources(target, {video_id: src_dir / f"{video_id}.npy" for video_id in video_ids},
+                                     [video_id for _, stored_ids in existing.values() for video_id in stored_ids])
     done = set()
     for name, (_, stored_ids) in existing.items():
-        if planned.get(name) == stored_ids:
+        if planned.get(name) == stored_ids and not set(stored_ids) & set(stale):
             done.add(name)
         else:
             (target / name).unlink()
+    write_sources(target, sources)
     dims = {existing[name][0].get("dim") for name in done}
     dim = dims.pop() if len(dims) == 1 else None
     stamp = target / STAMP_FILE

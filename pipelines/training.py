@@ -15,6 +15,12 @@ epoch); torch, numpy and random from the seed), and after every epoch a checkpoi
 optimizer, scheduler and RNG states, the best epoch so far and the history is written atomically.
 A re-run with the same configuration resumes from it and ends with the same weights as an
 uninterrupted run; a checkpoint of another configuration (its fingerprint differs) is ignored.
+The fingerprint covers the parameters, the features' metadata, the training and validation video
+ids, the data themselves (a sha256 of each part's features and labels: `data_digest`, so changed
+annotations or features under the same ids are not resumed from a model of the old data) and the
+model's parameter layout (names and shapes of its state dict: `parameter_layout`, so a checkpoint
+written before the layout changed is ignored instead of failing to load). The log names the parts
+that differ.
 """
 from __future__ import annotations
 
@@ -121,14 +127,38 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix.rstrip("."): value}
 
 
-def fingerprint(params: PipelineParams, feature_metadata: dict, train_ids: list[str], val_ids: list[str]) -> str:
+def data_digest(sequences: list[Sequence]) -> dict[str, str]:
+    """{"features": sha256, "labels": sha256} over the sequences in order (id, shape, dtype and bytes
+    of each array): what a run trains on, beyond the video ids."""
+    digests = {"features": hashlib.sha256(), "labels": hashlib.sha256()}
+    for sequence in sequences:
+        for part, digest in digests.items():
+            array = np.ascontiguousarray(getattr(sequence, part))
+            digest.update(json.dumps([sequence.video_id, list(array.shape), array.dtype.str]).encode())
+            digest.update(array.tobytes())
+    return {part: digest.hexdigest() for part, digest in digests.items()}
+
+
+def parameter_layout(model: torch.nn.Module) -> list[list]:
+    """[name, shape] of every entry of the model's state dict, in order."""
+    return [[name, list(tensor.shape)] for name, tensor in model.state_dict().items()]
+
+
+def setting_hash(value) -> str:
+    """The short hash of one setting in a fingerprint."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def fingerprint(params: PipelineParams, feature_metadata: dict, train_ids: list[str], val_ids: list[str],
+                data: dict | None = None, layout: list | None = None) -> str:
     """What a checkpoint must have been trained with to be resumed: "<digest> key=<hash> ...", one
-    short hash per setting (so that `fingerprint_difference` can name the keys that differ)."""
+    short hash per setting (so that `fingerprint_difference` can name the keys that differ).
+    `data`: {"train": data_digest(training part), "val": data_digest(validation part)} (keys
+    data.train.features, data.val.labels, ...); `layout`: parameter_layout(model) (key model_layout)."""
     identity = _flatten({"dataset": dataclasses.asdict(params.dataset), "model": dataclasses.asdict(params.model),
                          "train": dataclasses.asdict(params.train), "features": feature_metadata,
-                         "train_ids": train_ids, "val_ids": val_ids})
-    parts = {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
-             for key, value in sorted(identity.items()) if key not in RUNTIME_ONLY_KEYS}
+                         "train_ids": train_ids, "val_ids": val_ids, "data": data or {}, "model_layout": layout})
+    parts = {key: setting_hash(value) for key, value in sorted(identity.items()) if key not in RUNTIME_ONLY_KEYS}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return " ".join([digest, *(f"{key}={value}" for key, value in parts.items())])
 
@@ -183,6 +213,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     train_ids, val_ids = split_train_val([s.video_id for s in sequences], recipe.val_fraction, recipe.seed)
     train_set = [s for s in sequences if s.video_id in set(train_ids)]
     val_set = [s for s in sequences if s.video_id in set(val_ids)]
+    data = {"train": data_digest(train_set), "val": data_digest(val_set)}  # before standardisation
     feature_mean = feature_std = None
     if recipe.normalize_features:  # statistics of the training part only
         feature_mean, feature_std = feature_statistics(train_set)
@@ -206,7 +237,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
     remove_stale_temporaries_of(checkpoint_path, out_path, log_path)  # a run killed inside a write left them
-    run_id = fingerprint(params, store.metadata, train_ids, val_ids)
+    run_id = fingerprint(params, store.metadata, train_ids, val_ids, data, parameter_layout(model))
     start_epoch, history, best = 1, [], {"epoch": 0, "val_map": -math.inf, "state_dict": None}
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)

@@ -247,3 +247,116 @@ def test_class_prior_init_starts_the_heads_at_the_training_base_rates(prepared, 
     assert len(heads) == 4  # ms_temba_tiny: the fused head and three block heads
     for name in heads:
         np.testing.assert_allclose(bundle.state_dict[name].double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def changed_labels_data(prepared, directory, video_id):
+    """A copy of `prepared` (same params, shards and ids) whose manifest gives `video_id` other
+    actions: what the train stage sees after the annotations changed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.manifest import MANIFEST_SCHEMA, read_manifest
+
+    directory.mkdir()
+    os.symlink(prepared / "shards", directory / "shards")
+    shutil.copyfile(prepared / "params.yaml", directory / "params.yaml")
+    rows = read_manifest(prepared / "manifest.parquet").to_pylist()
+    [row] = [r for r in rows if r["video_id"] == video_id]
+    row["action_class"] = [(label + 1) % NUM_CLASSES for label in row["action_class"]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), directory / "manifest.parquet")
+    return directory
+
+
+def same_model(first, second):
+    first, second = load_bundle(first / "model.pt"), load_bundle(second / "model.pt")
+    return (first.state_dict.keys() == second.state_dict.keys()
+            and all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+            and (first.selected_epoch, first.val_map) == (second.selected_epoch, second.val_map))
+
+
+def differing(output):
+    return output.split("(differing: ")[1].split(")")[0]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_data_is_not_resumed(prepared, uninterrupted, tmp_path):
+    """Same params and video ids, one training video's labels changed (its annotations): the
+    finished checkpoint of the old data is ignored, naming the part, and the run ends as a fresh
+    run on the new data does. Rerun unchanged, it resumes."""
+    train_video = load_bundle(uninterrupted / "model.pt").train_videos[0]
+    changed = changed_labels_data(prepared, tmp_path / "data", train_video)
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
+    output = run_training(changed, run)
+    assert "resuming" not in output and "belongs to another configuration" in output
+    assert differing(output) == "data.train.labels"
+    assert not same_model(run, uninterrupted)
+
+    fresh = tmp_path / "fresh"
+    run_training(changed, fresh)
+    assert same_model(run, fresh)
+    assert log_without_timing(run / "log.csv") == log_without_timing(fresh / "log.csv")
+
+    output = run_training(changed, run)  # nothing changed since: resumed (nothing left to train)
+    assert f"resuming after epoch {EPOCHS}" in output and "another configuration" not in output
+    assert same_model(run, fresh)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_parameter_layout_is_ignored_not_a_crash(prepared, uninterrupted, tmp_path):
+    """A checkpoint written before the model's state-dict keys were renamed (commit dfce80e), its
+    fingerprint otherwise matching: ignored (it crashed load_state_dict), and the run ends as an
+    uninterrupted one."""
+    from pipelines.training import setting_hash
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint["epoch"] = 2
+    checkpoint["history"] = checkpoint["history"][:2]
+    checkpoint["model"] = {f"legacy.{name}": value for name, value in checkpoint["model"].items()}
+    layout = [[name, list(value.shape)] for name, value in checkpoint["model"].items()]
+    digest, *parts = checkpoint["fingerprint"].split(" ")
+    assert any(part.startswith("model_layout=") for part in parts)
+    parts = [f"model_layout={setting_hash(layout)}" if part.startswith("model_layout=") else part for part in parts]
+    checkpoint["fingerprint"] = " ".join([digest, *parts])
+    torch.save(checkpoint, run / "checkpoints" / "last.pt")
+
+    output = run_training(prepared, run)
+    assert "resuming" not in output and differing(output) == "model_layout"
+    assert same_model(run, uninterrupted)
+    assert log_without_timing(run / "log.csv") == log_without_timing(uninterrupted / "log.csv")
+
+
+def test_the_fingerprint_holds_the_data_and_the_parameter_layout(prepared):
+    """Each part of the data (features, labels; training, validation part) and the model's
+    parameter layout is a key of its own, so the log names what differs."""
+    from pipelines.config import load_params
+    from pipelines.training import data_digest, fingerprint, fingerprint_difference, parameter_layout
+
+    params = load_params(prepared / "params.yaml")
+    rng = np.random.default_rng(0)
+    train = [Sequence(f"v{i}", rng.standard_normal((5, DIM)).astype(np.float32),
+                      (rng.random((5, NUM_CLASSES)) > 0.5).astype(np.float32)) for i in range(3)]
+    val = [Sequence("w", rng.standard_normal((4, DIM)).astype(np.float32), np.zeros((4, NUM_CLASSES), np.float32))]
+    layout = parameter_layout(torch.nn.Linear(DIM, NUM_CLASSES))
+
+    def of(train, val, layout=layout):
+        return fingerprint(params, {"dim": DIM}, ["v0", "v1", "v2"], ["w"],
+                           {"train": data_digest(train), "val": data_digest(val)}, layout)
+
+    reference = of(train, val)
+    assert of([Sequence(s.video_id, s.features.copy(), s.labels.copy()) for s in train], val) == reference
+    features = train[1].features.copy()
+    features[2, 3] += 1e-3
+    edited = [train[0], Sequence("v1", features, train[1].labels), train[2]]
+    assert fingerprint_difference(reference, of(edited, val)) == "data.train.features"
+    labels = val[0].labels.copy()
+    labels[0, 1] = 1
+    assert fingerprint_difference(reference, of(train, [Sequence("w", val[0].features, labels)])) == "data.val.labels"
+    renamed = [[f"legacy.{name}", shape] for name, shape in layout]
+    assert fingerprint_difference(reference, of(train, val, renamed)) == "model_layout"
+    # A checkpoint of a version that recorded neither: every new part is named.
+    old = fingerprint(params, {"dim": DIM}, ["v0", "v1", "v2"], ["w"])
+    assert fingerprint_difference(old, reference) == ("data, data.train.features, data.train.labels, "
+                                                      "data.val.features, data.val.labels, model_layout")

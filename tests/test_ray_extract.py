@@ -1,6 +1,7 @@
 """extractors.run on real Ray clusters: fan-out, resume, failure isolation, worker death, `ray job submit`."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,9 +17,10 @@ import numpy as np
 import psutil
 import pytest
 
-from extractors.config import ExtractorConfig
-from extractors.run import RANDOM_INIT_SEED, extract_videos, load_config, main
-from extractors.shards import FeatureStore
+from extractors.config import ExtractorConfig, field_path
+from extractors.files import file_sha256
+from extractors.run import RANDOM_INIT_SEED, ExtractionSummary, extract_videos, load_config, main
+from extractors.shards import SOURCES_FILE, FeatureStore, read_sources
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +114,57 @@ def test_extract_resume_and_rebuild(local_ray, dataset, reference_features, tmp_
     assert after.keys() == before.keys()
     assert all(after[name] == before[name] for name in before if name != lost.name)
     assert_store_matches(FeatureStore(out), reference_features)
+
+
+def test_a_video_replaced_under_its_name_is_extracted_again(local_ray, dataset, reference_features, tmp_path):
+    """Features are valid only for the file they came from: a video file given other content under
+    the same name (a regenerated dataset, a re-encoded video) is extracted again on the rerun; the
+    other videos are not, nor is a file rewritten with the same bytes."""
+    cfg = ExtractorConfig(**CONFIG)
+    folder, out = tmp_path / "videos", tmp_path / "features"
+    folder.mkdir()
+    videos = {}
+    for video_id, path in dataset.items():
+        if video_id != "broken":
+            videos[video_id] = str(shutil.copy2(path, folder / Path(path).name))
+    assert extract_videos(videos, cfg, out, progress=False) == ExtractionSummary(ok=6, skipped=0, failed=0)
+    record = read_sources(out)
+    assert sorted(record) == sorted(videos)
+    assert record[next(iter(videos))]["sha256"] == file_sha256(next(iter(videos.values())))
+    ids = FeatureStore(out).video_ids
+    target, donor = ids[0], ids[-1]  # in shard-00000 and shard-00001
+    shards = lambda: {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}  # noqa: E731
+    before = shards()
+
+    # Another video's content under the target's name.
+    shutil.copyfile(videos[donor], videos[target])
+    summary = extract_videos(videos, cfg, out, progress=False)
+    assert summary == ExtractionSummary(ok=1, skipped=5, failed=0, changed=1)
+    assert str(summary) == "1 ok, 5 skipped (already done), 0 failed; 1 extracted again: their video file changed"
+    # Its features are a fresh extraction of the new file; the others' are untouched, and so is
+    # the shard that does not hold it (the target's shard is rewritten: its rows plus the new ones).
+    assert_store_matches(FeatureStore(out), {**reference_features, target: reference_features[donor]})
+    after = shards()
+    assert after.keys() == before.keys() and after["shard-00001.parquet"] == before["shard-00001.parquet"]
+    assert read_sources(out)[target]["sha256"] == read_sources(out)[donor]["sha256"]
+
+    # The same bytes with a new modification time: hashed again, recorded, nothing extracted.
+    before = shards()
+    untouched = ids[1]
+    stat = os.stat(videos[untouched])
+    os.utime(videos[untouched], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert extract_videos(videos, cfg, out, progress=False) == ExtractionSummary(ok=0, skipped=6, failed=0)
+    assert shards() == before
+    assert read_sources(out)[untouched]["mtime_ns"] == stat.st_mtime_ns + 5_000_000_000
+
+    # A stored video with no record of its file (shards of an older version): extracted again.
+    record = read_sources(out)
+    del record[ids[4]]
+    (out / SOURCES_FILE).write_text(json.dumps(record))
+    summary = extract_videos(videos, cfg, out, progress=False)
+    assert summary == ExtractionSummary(ok=1, skipped=5, failed=0, changed=1)
+    assert_store_matches(FeatureStore(out), {**reference_features, target: reference_features[donor]})
+    assert sorted(read_sources(out)) == sorted(videos)
 
 
 def test_refuses_to_mix_extractors_in_one_directory(local_ray, dataset, tmp_path):
@@ -251,7 +304,8 @@ def test_ray_job_submit(dataset, tmp_path):
              f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
              f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             env=env, check=True, capture_output=True, text=True, timeout=120)
-        overrides = [f"{key}={'null' if value is None else value}" for key, value in CONFIG.items()]
+        # Dotted as in the params form: the backbone's own fields under its name (i3d.mode=...).
+        overrides = [f"{field_path(key)}={'null' if value is None else value}" for key, value in CONFIG.items()]
         video_dir = Path(dataset["broken"]).parent
         job = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),

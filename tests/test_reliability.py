@@ -151,6 +151,42 @@ def test_reimporting_into_one_folder_replaces_the_store(tmp_path):
     assert_one_line_error(done, "another extractor (i3d)")
 
 
+def test_a_npy_file_replaced_under_its_name_is_imported_again(tmp_path):
+    """An import resumes by file content, not by id: a .npy file given other content under the same
+    name is imported again (its group's shard rewritten, the other shards kept); a file rewritten
+    with the same bytes is not."""
+    src, out = tmp_path / "npy", tmp_path / "shards"
+    make_npy_folder(src, 5)
+    assert import_npy(src, out, hop_s=0.5, videos_per_shard=2, show_progress=False)[0] == 5
+    assert sorted(json.loads((out / "sources.json").read_text())) == [f"v{i:03d}" for i in range(5)]
+    shard_files = lambda: {p.name: (p.stat().st_ino, p.stat().st_mtime_ns,  # noqa: E731
+                                    hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.glob("npy-*.parquet")}
+    before = shard_files()
+
+    replacement = np.arange(32, dtype=np.float32).reshape(8, 4)
+    np.save(src / "v003.npy", replacement)  # in npy-00001 with v002
+    assert import_npy(src, out, hop_s=0.5, videos_per_shard=2, show_progress=False)[0] == 5
+    store = FeatureStore(out)
+    np.testing.assert_array_equal(store.get("v003").features, replacement)
+    for video_id in ("v000", "v001", "v002", "v004"):
+        np.testing.assert_array_equal(store.get(video_id).features, np.load(src / f"{video_id}.npy"))
+    after = shard_files()
+    assert after.keys() == before.keys() and after["npy-00001.parquet"] != before["npy-00001.parquet"]
+    assert {k: v for k, v in after.items() if k != "npy-00001.parquet"} == \
+        {k: v for k, v in before.items() if k != "npy-00001.parquet"}
+    # The same as a fresh import of the new files.
+    fresh = tmp_path / "fresh"
+    import_npy(src, fresh, hop_s=0.5, videos_per_shard=2, show_progress=False)
+    assert tree_digest(out) == tree_digest(fresh)
+
+    # The same bytes, a new modification time: nothing imported again.
+    before = shard_files()
+    stat = os.stat(src / "v000.npy")
+    os.utime(src / "v000.npy", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert import_npy(src, out, hop_s=0.5, videos_per_shard=2, show_progress=False)[0] == 5
+    assert shard_files() == before
+
+
 def import_command(src: Path, out: Path) -> list[str]:
     return ["-m", "pipelines.tools.cli", "import-npy", "--src", str(src), "--out", str(out), "--hop-s", "0.5",
             "--videos-per-shard", "2"]

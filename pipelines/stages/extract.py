@@ -8,7 +8,12 @@ dataset.feature_source = npy: the per-video .npy files in dataset.video_dir are 
 The shard directory is a `persist: true` output in dvc.yaml, so DVC does not delete it before a
 re-run: a killed extraction resumes where it stopped (extract_videos skips the videos already in a
 shard). `extraction.json` in the directory records what produced the shards; when the extractor
-settings change, the old shards are deleted first instead of being mixed with new ones.
+settings change, the old shards are deleted first instead of being mixed with new ones. With the
+same settings, a video is skipped only if its file is the one its features were computed from
+(`sources.json` in the directory: size, time and sha256 of each file); a video whose file changed
+under the same name (a regenerated dataset, a replaced or re-encoded video) is extracted again, and
+the log says how many ("N extracted again: their video file changed"). The same holds for .npy
+files (pipelines.import_npy).
 """
 from __future__ import annotations
 
@@ -94,6 +99,9 @@ def run(params: PipelineParams, args, log) -> None:
     summary = extract_videos({r["video_id"]: r["path"] for r in rows}, params.extractor, out_dir,
                              ray_address=params.ray_address, extra_metadata=source)
     log.info("extraction: %s", summary)
+    if summary.changed:
+        log.info("%d videos were extracted again because their video file changed since their features were "
+                 "computed (%s/sources.json)", summary.changed, out_dir)
     if summary.failed:
         log.warning("%d videos failed; they are listed in %s/failures.jsonl and left out of training",
                     summary.failed, out_dir)
