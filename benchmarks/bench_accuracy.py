@@ -54,7 +54,7 @@ from pipelines.labels import build_labels  # noqa: E402
 DATASETS = {"multithumos": 65, "charades": 157}
 # The default pipeline's own data (rendered videos -> I3D features), run after `dvc repro`: the
 # table of part 4 of the accuracy issue (does the default synthetic run tell models apart?).
-PIPELINE_DATASETS = {"synthetic": 15}
+PIPELINE_DATASETS = ("synthetic",)
 # Seconds between features: Multi-THUMOS actions are short (median 1.9 s), Charades' long (~10 s).
 HOP_S = {"multithumos": 0.5, "charades": 1.0}
 DEFAULT_MODELS = ["ms_temba_small", "ms_tct_small", "mstcn", "mstcn_single", "mlp"]
@@ -258,9 +258,8 @@ def pipeline_data(dataset: str, log) -> tuple[Path, np.ndarray]:
     data_dir = ROOT / "data" / dataset
     if not (data_dir / "manifest.parquet").is_file() or not (data_dir / "shards").is_dir():
         raise SystemExit(f"{data_dir}/manifest.parquet and shards/ not found: run `dvc repro` first")
-    # The classes a per-frame model cannot tell apart: the label depends on what came before.
-    context = np.array([i for i, c in enumerate(CLASSES[:PIPELINE_DATASETS[dataset]])
-                        if c.name.endswith(("_cue", "_first", "_again"))])
+    num_classes = pipeline_params(dataset, data_dir, None, [], 1).dataset.num_classes
+    context = np.array([i for i, c in enumerate(CLASSES[:num_classes]) if c.context_only])
     log.info("%s: the pipeline's data in %s; context classes %s", dataset, data_dir, context.tolist())
     return data_dir, context
 

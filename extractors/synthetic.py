@@ -16,13 +16,18 @@ Charades/TSU, the timeline is dense and multi-label: a few independent tracks (b
 overlay, two object tracks, short events) run at the same time, so typically 2-4 actions overlap,
 with long activities (10-30 s), medium actions (3-10 s) and short events (1-2.5 s).
 
-Four classes are defined by context rather than by what is on screen, so that temporal modelling
-pays off (a per-frame classifier cannot tell the members of a pair apart):
+Six classes are defined by context rather than by what is on screen, so that temporal modelling
+pays off (a per-frame classifier cannot tell the members of a pair apart, nor a span's middle from
+nothing):
 
 * `purple_disk_rising_after_white_cue` / `..._after_black_cue`: the same rising purple disk; its
   label is the colour of the blinking border cue that came just before it (0.5-2 s gap).
 * `teal_square_spinning_first` / `..._again`: the same spinning teal square; its first appearance
   in a video is "first", every later one is "again" (long-range memory).
+* `lime_to_sky_span` / `brown_to_lavender_span`: a 10-22 s span of which only the first and the
+  last 2 s show anything (full-frame stripes in the opening, then the closing colour); its middle
+  can only be inferred from both sides, up to 9 s away from either mark (the issue's
+  "evidence only near an action's start and end").
 
 Every video is drawn from its own random stream (seed, video index), so video i does not depend on
 how many videos are made; the train/test split does. Same arguments -> identical annotations and
@@ -73,6 +78,11 @@ COLOURS = {
     "pink": (1.0, 0.6, 0.75),
     "purple": (0.5, 0.05, 0.8),
     "teal": (0.0, 0.62, 0.55),
+    # the marks of the span classes
+    "lime": (0.6, 1.0, 0.2),
+    "sky": (0.45, 0.68, 1.0),
+    "brown": (0.6, 0.3, 0.0),
+    "lavender": (0.8, 0.6, 1.0),
 }
 
 
@@ -208,9 +218,27 @@ def _draw_teal_square_spinning(image, grid, t, duration, p):
     _paint(image, _rotated_rect(grid, p.cx, p.cy, 0.2, 0.2, p.phase + 2.5 * t), "teal")
 
 
-# Layers are painted bottom to top: the background activity fills the frame, objects and events
-# are drawn over it, and the rain overlay falls in front of everything.
-BACKGROUND, OBJECT, EVENT, OVERLAY = 0, 1, 2, 3
+SPAN_MARK_S = 2.0  # how long the opening and the closing mark of a span are on screen
+
+
+def _span(opening: str, closing: str) -> DrawFn:
+    def draw(image, grid, t, duration, p):
+        # The whole picture in diagonal stripes of the opening colour (and its dark shade) for the
+        # span's first 2 s, of the closing colour for its last 2 s, nothing in between. A mark
+        # replaces the background activity (objects and events stay in front of it): smaller ones
+        # (letterbox bars) were lost in the features of a random I3D (a per-frame linear probe
+        # found them at 11-52% AP).
+        if t < SPAN_MARK_S or t >= duration - SPAN_MARK_S:
+            colour = COLOURS[opening if t < SPAN_MARK_S else closing]
+            stripes = ((grid.x + grid.y) * 4 + p.phase) % 1 < 0.5
+            image[:] = np.where(stripes[..., None], colour, 0.35 * np.asarray(colour, dtype=np.float32))
+    return draw
+
+
+# Layers are painted bottom to top: the background activity fills the frame, a span's mark
+# replaces it, objects and events are drawn over them, and the rain overlay falls in front of
+# everything.
+BACKGROUND, MARK, OBJECT, EVENT, OVERLAY = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -218,6 +246,13 @@ class ActionClass:
     name: str
     layer: int
     draw: DrawFn
+
+    @property
+    def context_only(self) -> bool:
+        """What is on screen does not decide the label: it looks like another class (the disks, the
+        teal squares) or like nothing (a span's middle). benchmarks/bench_accuracy.py reports these
+        classes apart."""
+        return self.name.endswith(("_cue", "_first", "_again", "_span"))
 
 
 # Order matters: `num_classes=C` keeps the first C, so every context class comes after its cues.
@@ -241,6 +276,9 @@ CLASSES: tuple[ActionClass, ...] = (
     ActionClass("purple_disk_rising_after_black_cue", OBJECT, _draw_purple_disk_rising),
     ActionClass("teal_square_spinning_first", OBJECT, _draw_teal_square_spinning),
     ActionClass("teal_square_spinning_again", OBJECT, _draw_teal_square_spinning),
+    # context-only: nothing on screen but a mark at the start and another at the end
+    ActionClass("lime_to_sky_span", MARK, _span("lime", "sky")),
+    ActionClass("brown_to_lavender_span", MARK, _span("brown", "lavender")),
 )
 CLASS_INDEX = {c.name: i for i, c in enumerate(CLASSES)}
 
@@ -251,6 +289,7 @@ CLASS_INDEX = {c.name: i for i, c in enumerate(CLASSES)}
 LONG_S, MEDIUM_S, SHORT_S = (10.0, 30.0), (3.0, 10.0), (1.0, 2.5)
 CUE_TO_DISK_GAP_S = (0.5, 2.0)
 CONTEXT_DISK_S = (3.0, 6.0)  # short enough that the cue stays within ~8 s of every disk frame
+SPAN_S, SPAN_GAP_S = (8.0, 16.0), (2.0, 6.0)
 
 
 @dataclass(frozen=True)
@@ -364,6 +403,17 @@ def make_timeline(rng: np.random.Generator, num_frames: int, fps: int, num_class
                     break
                 track.add(int(rng.choice(singles)), length)
             track.wait((2.0, 6.0))
+        tracks.append(track)
+
+    # Spans (long, one at a time): the middle shows nothing, so that only a model that sees both
+    # marks, up to 22 s apart, can label it. A span is never cut by the end of the video.
+    spans = labels(["lime_to_sky_span", "brown_to_lavender_span"])
+    if spans:
+        track = _Track(rng, fps, num_frames)
+        track.wait((0.0, SPAN_GAP_S[1]))
+        while track.fits(length := track.frames(SPAN_S)):
+            track.add(int(rng.choice(spans)), length)
+            track.wait(SPAN_GAP_S)
         tracks.append(track)
 
     timeline = sorted((a for t in tracks for a in t.actions), key=lambda a: (a.start, a.label))
