@@ -35,7 +35,7 @@ class ConfigError(ValueError):
     """A bad parameter; `.key` is its dotted path in params.yaml (e.g. "train.lr"), `.source` the
     file it came from when known (the message then starts with it)."""
 
-    user_error = True  # one line and exit 2 from the command line (pipelines/__init__.py)
+    user_error = True  # one line and exit 2 from the command line (pipelines/process.py)
 
     def __init__(self, key: str, problem: str, source: str | None = None):
         self.key = key
