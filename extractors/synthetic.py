@@ -24,9 +24,9 @@ nothing):
   label is the colour of the blinking border cue that came just before it (0.5-2 s gap).
 * `teal_square_spinning_first` / `..._again`: the same spinning teal square; its first appearance
   in a video is "first", every later one is "again" (long-range memory).
-* `lime_to_sky_span` / `brown_to_lavender_span`: a 10-22 s span of which only the first and the
-  last 2 s show anything (full-frame stripes in the opening, then the closing colour); its middle
-  can only be inferred from both sides, up to 9 s away from either mark (the issue's
+* `lime_to_sky_span` / `brown_to_lavender_span`: an 8-16 s span of which only the first and the
+  last 2 s show anything (full-frame stripes in the opening, then the closing colour, under the
+  objects); its middle can only be inferred from both sides, up to 6 s away from either mark (the issue's
   "evidence only near an action's start and end").
 
 Every video is drawn from its own random stream (seed, video index), so video i does not depend on
