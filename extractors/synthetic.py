@@ -26,8 +26,8 @@ nothing):
   in a video is "first", every later one is "again" (long-range memory).
 * `lime_to_sky_span` / `brown_to_lavender_span`: an 8-16 s span of which only the first and the
   last 2 s show anything (full-frame stripes in the opening, then the closing colour, under the
-  objects); its middle can only be inferred from both sides, up to 6 s away from either mark (the issue's
-  "evidence only near an action's start and end").
+  objects); its middle can only be inferred from both sides, up to 6 s away from either mark
+  (the issue's "evidence only near an action's start and end").
 
 Every video is drawn from its own random stream (seed, video index), so video i does not depend on
 how many videos are made; the train/test split does. Same arguments -> identical annotations and
@@ -406,7 +406,7 @@ def make_timeline(rng: np.random.Generator, num_frames: int, fps: int, num_class
         tracks.append(track)
 
     # Spans (long, one at a time): the middle shows nothing, so that only a model that sees both
-    # marks, up to 22 s apart, can label it. A span is never cut by the end of the video.
+    # marks, up to 16 s apart, can label it. A span is never cut by the end of the video.
     spans = labels(["lime_to_sky_span", "brown_to_lavender_span"])
     if spans:
         track = _Track(rng, fps, num_frames)
