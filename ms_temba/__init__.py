@@ -17,6 +17,8 @@ from ms_temba.model import MSTemba, MSTembaConfig, MSTembaOutput, init_class_pri
 from ms_temba.mstct import MSTCT, MSTCTConfig, MSTCTOutput
 from ms_temba.mstcn import MSTCN, MSTCNConfig, MSTCNOutput
 from ms_temba.mlp import FrameMLP, FrameMLPConfig, FrameOutput
+# Vision Mamba, the image backbone (ms_temba/vim.py); registers vim_tiny, vim_small, vim_base, ...
+from ms_temba.vim import VimConfig, VisionMamba
 
 __all__ = [
     "FrameMLP",
@@ -31,6 +33,8 @@ __all__ = [
     "MSTemba",
     "MSTembaConfig",
     "MSTembaOutput",
+    "VimConfig",
+    "VisionMamba",
     "create_model",
     "init_class_prior",
     "list_models",

@@ -16,7 +16,7 @@ from, so `create_model(name, **dataclasses.asdict(model.config))` rebuilds it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch.nn as nn
 
@@ -33,24 +33,32 @@ class _Entry(NamedTuple):
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(model_class: type[nn.Module]):
+# Other names of registered models (an upstream project's long names): alias -> name.
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(model_class: type[nn.Module], aliases: Iterable[str] = ()):
     """Decorator factory: register `default_config() -> config` under the function's name, as a
-    variant of `model_class` (built as `model_class(config)`)."""
+    variant of `model_class` (built as `model_class(config)`); `aliases` are other names that
+    create_model and model_config accept for it (list_models lists only the name)."""
     def register(default_config: Callable[[], object]):
         name = default_config.__name__
-        if name in _REGISTRY:
-            raise ValueError(f"a model named {name!r} is already registered")
+        for new_name in (name, *aliases):
+            if new_name in _REGISTRY or new_name in _ALIASES:
+                raise ValueError(f"a model named {new_name!r} is already registered")
         _REGISTRY[name] = _Entry(model_class, default_config)
+        _ALIASES.update((alias, name) for alias in aliases)
         return default_config
     return register
 
 
 def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
+    """Names of the registered models, sorted (without their aliases)."""
     return sorted(_REGISTRY)
 
 
 def _entry(name: str) -> _Entry:
+    name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name]
