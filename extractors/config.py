@@ -43,6 +43,11 @@ BACKBONE_FIELDS: dict[str, tuple[str, ...]] = {
     "clip": ("model_name", "pretrained_from_hub", "clip_window"),
 }
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# Largest relative L2 distance between half-precision and fp32 features (tests/test_precision.py
+# checks it on random-init I3D and CLIP): what `precision` may cost in accuracy.
+PRECISION_TOLERANCE = {"fp16": 0.01, "bf16": 0.02}
+
 
 @dataclass(frozen=True)
 class ExtractorConfig:
@@ -59,6 +64,9 @@ class ExtractorConfig:
     batch_size: int = 8  # snippets (I3D) or frames (CLIP) per forward pass
     chunk_frames: int = 128  # frames decoded and held in memory at once
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # The backbone's weights and activations: "auto" = fp16 on CUDA, fp32 on CPU. Half precision
+    # stays within PRECISION_TOLERANCE of fp32 (docs/pipeline.md); CPUs gain nothing from it.
+    precision: str = "auto"  # "auto" | "fp32" | "fp16" | "bf16"
     num_actors: int | None = None  # None: one per GPU, else one per CPU core
     videos_per_shard: int = 16
 
@@ -70,6 +78,8 @@ class ExtractorConfig:
             reject("backbone", f"must be one of {', '.join(map(repr, BACKBONES))}, got {self.backbone!r}")
         if self.mode not in ("fully_conv", "snippets"):
             reject("mode", f"must be 'fully_conv' or 'snippets', got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            reject("precision", f"must be one of {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
         if self.device not in DEVICE_CHOICES:
             reject("device", f"must be one of {', '.join(map(repr, DEVICE_CHOICES))}, got {self.device!r}")
         if self.fps is not None and (not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool)
