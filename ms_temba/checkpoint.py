@@ -3,16 +3,18 @@
 Training scripts save a model's weights in several ways: a plain state dict
 (`torch.save(model.state_dict(), path)`), a state dict wrapped in a dict beside other entries
 ({"model": sd, "epoch": 3} as timm / DeiT do, {"state_dict": sd, "optimizer": ...},
-{"model_state_dict": sd}), or the whole module object; and a model wrapped in nn.DataParallel /
-DistributedDataParallel prefixes every key with `module.`. `unwrap_state_dict` accepts all of these
-and returns the bare {name: tensor} mapping. `load_checkpoint_file` reads a checkpoint file
-(torch-saved, with `weights_only` unless the caller trusts the file, or .safetensors), and
-`read_state_dict` does both. They are the one implementation of reading and unwrapping: the
+{"model_state_dict": sd}; DeiT-style scripts such as Vim's also save the EMA weights as
+"model_ema" and their argparse arguments as "args"), or the whole module object; and a model
+wrapped in nn.DataParallel / DistributedDataParallel prefixes every key with `module.`.
+`unwrap_state_dict` accepts all of these and returns the bare {name: tensor} mapping.
+`load_checkpoint_file` reads a checkpoint file (torch-saved, with `weights_only` unless the caller
+trusts the file, or .safetensors), and `read_state_dict` does both. They are the one implementation of reading and unwrapping: the
 feature extractors' checkpoints (`extractors.base.read_state_dict`) and the official release's
 (`ms_temba.convert.read_release_state_dict`) both go through them.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,10 +23,14 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "load_checkpoint_file", "read_state_dict", "unwrap_state_dict", "key_listing",
-           "WRAPPER_KEYS", "DATA_PARALLEL_PREFIX"]
+           "WRAPPER_KEYS", "SAFE_GLOBALS", "DATA_PARALLEL_PREFIX"]
 
-# Containers other tools wrap a state dict in, in the order they are tried.
-WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# Containers other tools wrap a state dict in, in the order they are tried ("model" before
+# "model_ema": a checkpoint with both is read as the trained weights, as DeiT / Vim evaluate it).
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "model_ema")
+# Classes besides tensors and containers that weights_only may rebuild: the training arguments that
+# DeiT-style checkpoints (Vim's releases) carry beside the weights; a Namespace holds plain values.
+SAFE_GLOBALS = (argparse.Namespace,)
 DATA_PARALLEL_PREFIX = "module."
 
 
@@ -51,7 +57,8 @@ def load_checkpoint_file(path: str | os.PathLike, trust_pickle: bool = False, wh
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as error:  # torch and safetensors raise many types for a corrupt file
         # weights_only refuses any class outside its allow-list with "Unsupported global: ...".
         if not trust_pickle and "Unsupported global" in str(error):
