@@ -34,6 +34,7 @@ from ms_temba.errors import ConfigFieldError
 BACKBONES: dict[str, str] = {
     "i3d": "extractors.i3d:I3DExtractor",
     "clip": "extractors.clip:ClipExtractor",
+    "vim": "extractors.vim:VimExtractor",
 }
 
 # The fields that one backbone alone reads; in the params form they sit under extractor.<backbone>.
@@ -41,6 +42,7 @@ BACKBONES: dict[str, str] = {
 BACKBONE_FIELDS: dict[str, tuple[str, ...]] = {
     "i3d": ("mode", "snippet_len", "stride"),
     "clip": ("model_name", "pretrained_from_hub", "clip_window"),
+    "vim": ("variant", "token", "window", "weights_from_hub"),
 }
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -51,8 +53,8 @@ PRECISION_TOLERANCE = {"fp16": 0.01, "bf16": 0.02}
 
 @dataclass(frozen=True)
 class ExtractorConfig:
-    backbone: str = "i3d"  # a key of BACKBONES: "i3d" | "clip"
-    weights: str | None = None  # local checkpoint path; None = timm hub name (clip, online) or random init
+    backbone: str = "i3d"  # a key of BACKBONES: "i3d" | "clip" | "vim"
+    weights: str | None = None  # local checkpoint path; None = hub weights (clip, vim; online) or random init
     model_name: str = "vit_large_patch14_clip_224.openai"  # timm name, CLIP only
     pretrained_from_hub: bool = False  # CLIP: let timm download `model_name` weights (needs internet)
     fps: float | None = 24.0  # frames are sampled at this rate; None = the video's native rate
@@ -61,7 +63,11 @@ class ExtractorConfig:
     snippet_len: int = 16  # I3D snippets mode: frames per snippet
     stride: int = 16  # I3D snippets mode: frames between snippet starts
     clip_window: int = 16  # CLIP: per-frame embeddings averaged over windows of this many frames
-    batch_size: int = 8  # snippets (I3D) or frames (CLIP) per forward pass
+    variant: str = "vim_tiny"  # Vim: a Vim model of ms_temba.create_model (vim_small, vim_tiny_stride8, ...)
+    token: str = "cls"  # Vim: a frame's feature is its "cls" token or the "mean" of its patch tokens
+    window: int = 16  # Vim: per-frame features averaged over windows of this many frames
+    weights_from_hub: bool = False  # Vim: download the variant's official checkpoint (needs internet)
+    batch_size: int = 8  # snippets (I3D) or frames (CLIP, Vim) per forward pass
     chunk_frames: int = 128  # frames decoded and held in memory at once
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     # The backbone's weights and activations: "auto" = fp16 on CUDA, fp32 on CPU. Half precision
@@ -78,6 +84,8 @@ class ExtractorConfig:
             reject("backbone", f"must be one of {', '.join(map(repr, BACKBONES))}, got {self.backbone!r}")
         if self.mode not in ("fully_conv", "snippets"):
             reject("mode", f"must be 'fully_conv' or 'snippets', got {self.mode!r}")
+        if self.token not in ("cls", "mean"):
+            reject("token", f"must be 'cls' or 'mean', got {self.token!r}")
         if self.precision not in PRECISIONS:
             reject("precision", f"must be one of {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
         if self.device not in DEVICE_CHOICES:
@@ -85,7 +93,7 @@ class ExtractorConfig:
         if self.fps is not None and (not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool)
                                      or not self.fps > 0):
             reject("fps", f"must be positive or null, got {self.fps!r}")
-        for name in ("image_size", "snippet_len", "stride", "clip_window", "batch_size", "chunk_frames",
+        for name in ("image_size", "snippet_len", "stride", "clip_window", "window", "batch_size", "chunk_frames",
                      "videos_per_shard"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
