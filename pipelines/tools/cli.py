@@ -10,6 +10,7 @@
     ms-temba export-mstct SOURCE --out DIR   predictions in MS-TCT's {video: (classes, T)} layout
     ms-temba export PREDICT_DIR --out DIR    segments as ActivityNet results JSON + CSV (pipelines/detections.py)
     ms-temba score --pred R.json --gt G.json detection mAP at tIoU 0.1..0.9 of any ActivityNet results file
+    ms-temba train-vim --data DIR --out OUT  train or fine-tune a Vision Mamba on an image folder (docs/vim.md)
 
 Each command is a module of pipelines/tools/ (predict, convert_release, export, activitynet) or,
 for the small ones, a function here. `main` sets the process up first (pipelines.process).
@@ -65,6 +66,7 @@ DELEGATED = {
                "export predicted segments as ActivityNet results JSON and CSV"),
     "score": ("pipelines.tools.activitynet", "score_main",
               "detection mAP of ActivityNet results JSON against ActivityNet ground truth"),
+    "train-vim": ("pipelines.tools.train_vim", "main", "train or fine-tune a Vision Mamba on a folder of images"),
 }
 
 
