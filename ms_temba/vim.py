@@ -163,7 +163,8 @@ class VisionMamba(nn.Module):
         self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.stride, config.channels, dim)
         self.pos_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        # Python floats, not torch.linspace: a model built on the meta device has no values to read.
+        drop_path_rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.layers = nn.ModuleList([
             VimBlock(dim, config.d_state, config.d_conv, config.expand, rate) for rate in drop_path_rates
         ])
