@@ -40,6 +40,7 @@ from extractors.base import CheckpointInfo, FeatureBatch, FeatureExtractor, Fram
 from extractors.config import ExtractorConfig
 from extractors.files import file_sha256
 from ms_temba.checkpoint import load_checkpoint_file, unwrap_state_dict
+from ms_temba.registry import model_class
 from ms_temba.vim import VimConfig, VisionMamba, resize_pos_embed
 
 # The official checkpoints (github.com/hustvl/Vim, "Model Weights"): variant -> (Hugging Face repo,
@@ -81,11 +82,11 @@ def create_vim(variant: str, image_size: int, weights: str | os.PathLike | None 
     if recorded and saved.get(VARIANT_KEY) != variant:
         raise ValueError(f"{weights} is a {saved.get(VARIANT_KEY)} trained by ms-temba train-vim, not a {variant}: "
                          f"set the variant to {saved.get(VARIANT_KEY)!r}")
+    if not issubclass(model_class(variant), VisionMamba):
+        raise ValueError(f"{variant!r} is not a Vim model (it builds a {model_class(variant).__name__}); "
+                         f"choose one of the vim_* models")
     architecture = {**model_kwargs, **recorded, "img_size": image_size, "num_classes": 0}
     model = ms_temba.create_model(variant, **architecture)
-    if not isinstance(model, VisionMamba):
-        raise ValueError(f"{variant!r} is not a Vim model (it builds a {type(model).__name__}); "
-                         f"choose one of the vim_* models")
     if weights is None:
         return model.eval(), CheckpointInfo.random(f"Vim {variant}")
 

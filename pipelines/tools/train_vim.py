@@ -139,11 +139,14 @@ def build_model(args, num_classes: int, init_name: str | None, init_config: dict
     recorded architecture, then --model-args, then this run's image size, classes and drop path;
     at half the patch stride with --finer-granularity."""
     import ms_temba
+    from ms_temba.registry import model_class
     from ms_temba.vim import VisionMamba
 
     if args.model and init_name and args.model not in (init_name, finer_variant(init_name)):
         raise ValueError(f"--model {args.model} differs from the --init checkpoint's model {init_name}")
     name = init_name or args.model or "vim_tiny"
+    if not issubclass(model_class(name), VisionMamba):
+        raise ValueError(f"--model {name} is not a Vim model (it builds a {model_class(name).__name__})")
     architecture = {key: value for key, value in (init_config or {}).items()
                     if key not in ("img_size", "num_classes", "drop_path_rate")}
     architecture.update(args.model_args)
@@ -151,11 +154,8 @@ def build_model(args, num_classes: int, init_name: str | None, init_config: dict
         name = finer_variant(name)
         patch_size = architecture.get("patch_size", ms_temba.model_config(name).patch_size)
         architecture["stride"] = patch_size // 2
-    model = ms_temba.create_model(name, **architecture, img_size=args.img_size, num_classes=num_classes,
-                                  drop_path_rate=args.drop_path)
-    if not isinstance(model, VisionMamba):
-        raise ValueError(f"--model {name} is not a Vim model (it builds a {type(model).__name__})")
-    return name, model
+    return name, ms_temba.create_model(name, **architecture, img_size=args.img_size, num_classes=num_classes,
+                                       drop_path_rate=args.drop_path)
 
 
 def load_init(model, state: dict[str, torch.Tensor], init_config: dict | None, log) -> None:
