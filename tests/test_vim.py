@@ -146,6 +146,33 @@ def test_vim_overfits_a_handful_of_images():
     assert torch.nn.functional.cross_entropy(logits, labels) < 0.05
 
 
+def test_initialisation_is_vims():
+    torch.manual_seed(0)
+    depth, dim = 16, 64
+    model = ms_temba.create_model("vim_tiny", img_size=64, embed_dim=dim, depth=depth, num_classes=10)
+    # Each out_proj: PyTorch's Linear init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), scaled by 1/sqrt(depth).
+    out_proj = torch.cat([layer.mixer.out_proj.weight.flatten() for layer in model.layers])
+    bound = 1 / math.sqrt(2 * dim) / math.sqrt(depth)
+    assert out_proj.abs().max() <= bound
+    assert out_proj.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+    # Position embedding, class token and head: normal, std 0.02 (truncated at +-2, which a std of
+    # 0.02 never reaches); zero head bias.
+    for tensor in (torch.cat([model.pos_embed.flatten(), model.cls_token.flatten()]), model.head.weight):
+        assert tensor.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.head.bias.abs().max() == 0
+    # Patch embedding: LeCun normal (std 1/sqrt(fan_in), truncated at 2 std), zero bias.
+    weight = model.patch_embed.proj.weight
+    lecun_std = 1 / math.sqrt(weight[0].numel())
+    assert weight.std().item() == pytest.approx(lecun_std, rel=0.03)
+    assert weight.abs().max() <= 2 * lecun_std / 0.87962566103423978
+    assert model.patch_embed.proj.bias.abs().max() == 0
+    # Both directions' initial step sizes softplus(dt bias) in [dt_min, dt_max] (mamba_simple).
+    for layer in model.layers:
+        for dt_proj in (layer.mixer.dt_proj, layer.mixer.dt_proj_b):
+            step = torch.nn.functional.softplus(dt_proj.bias)
+            assert step.min() >= 1e-3 * (1 - 1e-5) and step.max() <= 0.1 * (1 + 1e-5)
+
+
 def test_drop_path_rates_rise_linearly_to_the_last_layer():
     model = ms_temba.create_model("vim_tiny", **{**SMALL, "depth": 5, "drop_path_rate": 0.2})
     rates = [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.layers]
