@@ -160,6 +160,9 @@ class VisionMamba(nn.Module):
         # that state_dict() lists the keys in the order of the released checkpoints.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim))
+        # Vim leaves them out of weight decay (its no_weight_decay()); the trainer reads the mark.
+        self.cls_token._no_weight_decay = True
+        self.pos_embed._no_weight_decay = True
         self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.stride, config.channels, dim)
         self.pos_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
@@ -189,9 +192,6 @@ class VisionMamba(nn.Module):
             nn.init.zeros_(self.head.bias)
         for layer in self.layers:
             layer.mixer.out_proj.weight /= math.sqrt(self.config.depth)
-        # Vim leaves them out of weight decay (its no_weight_decay()); the trainer reads the mark.
-        self.pos_embed._no_weight_decay = True
-        self.cls_token._no_weight_decay = True
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The final normalised hidden state of the class token: (batch, embed_dim)."""
