@@ -10,7 +10,8 @@ token variants that the released checkpoints are).
       + pos_embed, dropout                    absolute position embedding, (1, N + 1, D)
       for each layer:                         pre-norm residual, the residual stream kept in fp32:
           x = x + drop_path(BiMamba(RMSNorm(x)))
-      norm_f(x[:, N // 2])                    `forward_features`: (batch, D)
+      norm_f(x)                               `forward_tokens`: (batch, N + 1, D)
+      [:, N // 2]                             `forward_features`: the class token, (batch, D)
       --head-->  logits                       `forward`: (batch, num_classes)
 
 The official Block is written "add, then norm, then mixer" (the add of layer i is the residual of
@@ -193,8 +194,9 @@ class VisionMamba(nn.Module):
         for layer in self.layers:
             layer.mixer.out_proj.weight /= math.sqrt(self.config.depth)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The final normalised hidden state of the class token: (batch, embed_dim)."""
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The final normalised hidden state of every token: (batch, N + 1, embed_dim), the class
+        token at index `cls_position` and the patch tokens around it in row-major order."""
         self._check_images(images)
         x = self.patch_embed(images)
         cls_token = self.cls_token.expand(x.shape[0], -1, -1)
@@ -204,8 +206,11 @@ class VisionMamba(nn.Module):
         residual = x.to(_at_least_fp32(x.dtype)) if self.config.residual_in_fp32 else x
         for layer in self.layers:
             residual = layer(residual)
-        # RMSNorm is per token, so normalising the class token alone gives what norm_f(all)[:, m] would.
-        return self.norm_f(residual[:, m].to(self.norm_f.weight.dtype))
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The final normalised hidden state of the class token: (batch, embed_dim)."""
+        return self.forward_tokens(images)[:, self.cls_position]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (batch, num_classes); the features (batch, embed_dim) when num_classes is 0."""

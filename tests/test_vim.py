@@ -46,8 +46,9 @@ def small_vim(seed: int = 0, **overrides) -> VisionMamba:
 # ----------------------------------------------------------------------------------------------
 
 
-def reference_vim(model: VisionMamba, image: torch.Tensor) -> torch.Tensor:
-    """Vim's logits for one image (channels, H, W), in float64, one step at a time."""
+def reference_vim(model: VisionMamba, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vim's logits and final normalised tokens (N + 1, D) for one image (channels, H, W), in
+    float64, one step at a time."""
     config = model.config
     p, s = config.patch_size, config.stride
     rows, cols = ((side - p) // s + 1 for side in config.img_size)
@@ -62,8 +63,8 @@ def reference_vim(model: VisionMamba, image: torch.Tensor) -> torch.Tensor:
     for layer in model.layers:
         mixed, _ = reference_bimamba(layer.mixer, reference_rms_norm(x, layer.norm))
         x = x + mixed
-    features = reference_rms_norm(x[middle], model.norm_f)
-    return features @ model.head.weight.double().T + model.head.bias.double()
+    tokens = reference_rms_norm(x, model.norm_f)
+    return tokens[middle] @ model.head.weight.double().T + model.head.bias.double(), tokens
 
 
 @pytest.mark.parametrize("geometry", [
@@ -84,11 +85,14 @@ def test_vim_matches_float64_reference_with_gradients(geometry):
 
     images_ref = images.detach().clone().requires_grad_()
     model.zero_grad()
-    expected_logits = torch.stack([reference_vim(model, image) for image in images_ref])
+    expected_logits, expected_tokens = (torch.stack(parts) for parts in
+                                        zip(*(reference_vim(model, image) for image in images_ref)))
     (expected_logits * out_weights).sum().backward()
     expected = [images_ref.grad] + [p.grad for p in model.parameters()]
 
     torch.testing.assert_close(logits, expected_logits, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_tokens(images), expected_tokens.detach(), rtol=1e-9, atol=1e-10)
     names = ["images"] + [name for name, _ in model.named_parameters()]
     for name, g, e in zip(names, got, expected):
         assert e.abs().max() > 0, f"{name}: the reference gradient is zero, the check would be empty"
