@@ -11,6 +11,8 @@ the variant's default config:
 model; `model_config(name, **overrides)` validates the same without building any weights (the
 pipeline checks its parameters with it). A model's `config` attribute is the dataclass it was built
 from, so `create_model(name, **dataclasses.asdict(model.config))` rebuilds it.
+`register_model(VisionMamba, aliases=[...])` gives a variant other names that both accept (an
+upstream project's long names, as for Vim).
 """
 
 from __future__ import annotations

@@ -219,6 +219,14 @@ def test_official_names_are_aliases():
     with pytest.raises(ValueError, match="unknown model 'vim_huge'"):
         ms_temba.create_model("vim_huge")
 
+    def vim_registry_probe() -> VimConfig:
+        return VimConfig()
+
+    # A name or alias that is taken is refused, and nothing of the refused entry is registered.
+    with pytest.raises(ValueError, match="'vim_tiny' is already registered"):
+        ms_temba.register_model(VisionMamba, aliases=["vim_tiny"])(vim_registry_probe)
+    assert "vim_registry_probe" not in ms_temba.list_models()
+
 
 @pytest.mark.parametrize("wrapper", ["model", "model_ema"])
 def test_checkpoint_round_trip_loads_strictly(tmp_path, wrapper):
