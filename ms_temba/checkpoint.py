@@ -8,8 +8,9 @@ Training scripts save a model's weights in several ways: a plain state dict
 wrapped in nn.DataParallel / DistributedDataParallel prefixes every key with `module.`.
 `unwrap_state_dict` accepts all of these and returns the bare {name: tensor} mapping.
 `load_checkpoint_file` reads a checkpoint file (torch-saved, with `weights_only` unless the caller
-trusts the file, or .safetensors), and `read_state_dict` does both. They are the one implementation of reading and unwrapping: the
-feature extractors' checkpoints (`extractors.base.read_state_dict`) and the official release's
+trusts the file, or .safetensors), and `read_state_dict` does both. They are the one
+implementation of reading and unwrapping: the feature extractors' checkpoints
+(`extractors.base.read_state_dict`) and the official release's
 (`ms_temba.convert.read_release_state_dict`) both go through them.
 """
 from __future__ import annotations
