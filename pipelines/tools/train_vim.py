@@ -8,8 +8,8 @@ DIR/val/<class>/ (ImageNet's layout, as Vim's --data-path), or DIR/<class>/ alon
 image whose index in its class is a multiple of round(1 / --val-fraction) is held out for validation.
 
 Recipe: Vim's, which is DeiT's, all from timm: training images through `create_transform`
-(random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.3, random erasing
-0.25), `Mixup` (mixup 0.8, cutmix 1.0, label smoothing 0.1) and `SoftTargetCrossEntropy`
+(random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1 capped at magnitude 9: `AUTO_AUGMENT`,
+colour jitter 0.3, random erasing 0.25), `Mixup` (mixup 0.8, cutmix 1.0, label smoothing 0.1) and `SoftTargetCrossEntropy`
 (`LabelSmoothingCrossEntropy` without mixup), AdamW (`create_optimizer_v2`, no weight decay on
 biases, norms, pos_embed and cls_token) at lr * batch_size / 512, `CosineLRScheduler` (linear
 warmup, cosine to min_lr, stepped per epoch), drop path, optionally an EMA of the weights
@@ -62,6 +62,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "finer": dict(epochs=30, lr=5e-6, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=5, weight_decay=1e-8,
                   drop_path=0.0),
 }
+# Vim's RandAugment (rand-m9-mstd0.5-inc1) with the magnitude capped at 9 instead of 10 ("mmax9"): at
+# 10, timm's increasing posterize keeps 0 bits, which Pillow >= 13 refuses (ValueError mid-epoch).
+AUTO_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 # Settings that do not change the weights a run ends with: a run resumes across changes of these.
 RUNTIME_ONLY = ("out", "device", "workers")
 
@@ -272,6 +275,8 @@ def train_vim(args) -> dict[str, Any]:
     for key, value in RECIPES["finer" if args.finer_granularity else "train"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0 (0 writes the initial model), got {args.epochs}")
     if args.finer_granularity and args.init is None:
         raise ValueError("--finer-granularity fine-tunes a trained Vim: give its checkpoint with --init")
 
@@ -301,7 +306,8 @@ def train_vim(args) -> dict[str, Any]:
     lr = args.lr * args.batch_size / 512  # Vim's (DeiT's) linear scaling rule
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=args.weight_decay, param_group_fn=(
         lambda module: param_groups_weight_decay(module, args.weight_decay, no_weight_decay_list=no_weight_decay(module))))
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_t=args.warmup_epochs,
+    # t_initial >= 1: timm refuses 0, and --epochs 0 (write the initial model) never steps it.
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(args.epochs, 1), lr_min=args.min_lr, warmup_t=args.warmup_epochs,
                                   warmup_lr_init=args.warmup_lr)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=len(classes)) if mixup_active else None
@@ -437,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     recipe.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     recipe.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    recipe.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('' : off)")
+    recipe.add_argument("--auto-augment", default=AUTO_AUGMENT, help="timm RandAugment policy ('': off)")
     recipe.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     recipe.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (model.pt's model_ema)")
     recipe.add_argument("--model-ema-decay", type=float, default=0.99996)
