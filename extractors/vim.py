@@ -131,20 +131,11 @@ class VimExtractor(FeatureExtractor):
 
     def embed(self, frames: np.ndarray) -> torch.Tensor:
         """Features (n, dim) of uint8 (n, S, S, 3) frames, in float32."""
-        images = self.preprocess(frames)
-        if self.cfg.token == "cls":
-            return self.model.forward_features(images).float()
-        # The patch tokens: the last layer's output (the residual stream, class token in the middle),
-        # normalised by the final norm as the class token is (RMSNorm acts on each token alone).
-        hidden = []
-        hook = self.model.layers[-1].register_forward_hook(lambda module, inputs, output: hidden.append(output))
-        try:
-            self.model.forward_features(images)
-        finally:
-            hook.remove()
+        tokens = self.model.forward_tokens(self.preprocess(frames))  # (n, N + 1, dim), normalised
         middle = self.model.cls_position
-        patches = torch.cat([hidden[0][:, :middle], hidden[0][:, middle + 1:]], dim=1)
-        return self.model.norm_f(patches.to(self.model.norm_f.weight.dtype)).mean(dim=1).float()
+        if self.cfg.token == "cls":
+            return tokens[:, middle].float()
+        return torch.cat([tokens[:, :middle], tokens[:, middle + 1:]], dim=1).float().mean(dim=1)
 
     def frame_embeddings(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
         """Embeddings (k, dim) of the stream's frames in order, cfg.batch_size frames per forward pass."""
