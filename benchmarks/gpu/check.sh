@@ -55,11 +55,14 @@ export MS_TEMBA_CPU_SCAN_EXTENSION=0
     echo
     echo '```'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4
-    echo "cpus: $(nproc); $(command -v nvcc >/dev/null && nvcc --version | tail -1 || echo 'no nvcc')"
+    echo "cpus: $(nproc); nvcc: $(command -v nvcc >/dev/null && nvcc --version | tail -1 || echo none)"
     "$PY" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")' 2>&1
     echo '```'
 } > "$WORK/machine.md"
 cat "$WORK/machine.md"
+# torch's cpp_extension finds the toolkit from the nvcc on PATH; where that is a wrapper outside
+# the toolkit (/usr/local/bin/nvcc on our development image), the CUDA headers are not found.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)
 fi

@@ -156,28 +156,30 @@ def test_model_on_cuda_matches_cpu(path, monkeypatch):
         assert error <= 1e-3, f"grad of {name}: relative error {error:.2e}"
 
 
-def test_bf16_training_step():
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_training_step(path, monkeypatch):
     """One AdamW step under bf16 autocast: finite loss and gradients, a loss within bf16's
-    precision of the fp32 loss, and a step that lowers the loss on the same batch."""
+    precision of the fp32 loss, and a step that lowers the (fp32) loss on the same batch."""
     model, features, mask, targets = model_case(length=1000)
     model, features, mask, targets = model.cuda().train(), features.cuda(), mask.cuda(), targets.cuda()
-    with torch.no_grad():
-        fp32_loss = ms_temba_loss(model(features, mask), targets, mask)["loss"].item()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def bf16_loss():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def loss_of(dtype):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             return ms_temba_loss(model(features, mask), targets, mask)["loss"]
 
-    loss = bf16_loss()
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert abs(loss.item() - fp32_loss) <= 2e-2 * abs(fp32_loss)
-    for name, p in model.named_parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all(), f"grad of {name} is not finite"
-    optimizer.step()
-    with torch.no_grad():
-        assert bf16_loss().item() < loss.item()
+    with kernel_paths(monkeypatch, path):
+        with torch.no_grad():
+            fp32_before = loss_of(torch.float32).item()
+        loss = loss_of(torch.bfloat16)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert abs(loss.item() - fp32_before) <= 5e-2 * abs(fp32_before)
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), f"grad of {name} is not finite"
+        optimizer.step()
+        with torch.no_grad():
+            assert loss_of(torch.float32).item() < fp32_before
 
 
 # ----------------------------------------------------------------------------------------------
