@@ -143,13 +143,17 @@ class BiMamba(nn.Module):
             C (batch, length, 2 * d_state): [C_forward, C_backward] per frame, both in time order,
             zero at padded frames.
         """
+        if mask is not None and mask.all():
+            mask = None  # nothing to zero: skip the masked copies of sequence-long tensors
         xz = self.in_proj(hidden_states)  # (batch, length, 2 * d_inner)
         if mask is not None:
             # masked_fill rather than a multiply so that inf/NaN in padded frames cannot leak.
             xz = xz.masked_fill(~mask.unsqueeze(-1), 0.0)
-        # (batch, 2 * d_inner, length), contiguous: the layout of mamba_simple, which the CUDA conv
-        # and scan kernels expect.
-        xz = xz.transpose(1, 2).contiguous()
+        # (batch, 2 * d_inner, length). The CPU ops read any strides, so on CPU it stays a
+        # transposed view; the CUDA conv and scan kernels expect mamba_simple's contiguous layout.
+        xz = xz.transpose(1, 2)
+        if xz.is_cuda:
+            xz = xz.contiguous()
 
         y_f, c_f = self._scan(
             xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False
@@ -158,7 +162,7 @@ class BiMamba(nn.Module):
             xz, mask, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
             reverse=True,
         )
-        y = (y_f + y_b) / 2  # the average of the two directions
+        y = torch.add(y_f, y_b).div_(2)  # the average of the two directions
         out = self.out_proj(y.transpose(1, 2))
         if not return_c:
             return out

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ms_temba import ops
 from ms_temba.errors import ConfigFieldError
@@ -83,6 +84,10 @@ class MSTembaConfig:
     tlm: bool = True  # Temporal Local Module before each DTS (the release has none)
     tlm_kernel: int = 3
     dropout: float = 0.0  # on each Mamba layer's residual branch
+    # Activation checkpointing in training: each Temba block and the Temba Fuser keep only their
+    # inputs for the backward and recompute their insides there. Same outputs and gradients, a
+    # second forward's compute for a fraction of the memory (benchmarks/README.md).
+    checkpoint_blocks: bool = False
 
     def __post_init__(self):
         positive_ints = ["in_dim", "num_classes", "d_state", "expand", "d_conv",
@@ -95,8 +100,9 @@ class MSTembaConfig:
         self.widths = tuple(_positive_int("widths", w) for w in self.widths)
         if not self.widths:
             raise ConfigFieldError("MSTembaConfig", "widths", "is empty: MS-Temba needs at least one block")
-        if not isinstance(self.tlm, bool):
-            raise ConfigFieldError("MSTembaConfig", "tlm", f"must be a bool, got {self.tlm!r}")
+        for key in ("tlm", "checkpoint_blocks"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigFieldError("MSTembaConfig", key, f"must be a bool, got {getattr(self, key)!r}")
         if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
             raise ConfigFieldError("MSTembaConfig", "dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
@@ -157,7 +163,8 @@ class TemporalLocalModule(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if not mask.all():
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         conv = self.conv
         half_span = conv.dilation[0] * (conv.kernel_size[0] - 1)
         padding = (half_span // 2, half_span - half_span // 2)  # what padding="same" pads
@@ -344,16 +351,25 @@ class MSTemba(nn.Module):
                 None = all frames real. What padded frames contain is ignored.
         """
         mask = self._check_input(features, mask)
-        x = self.proj(features.masked_fill(~mask.unsqueeze(-1), 0.0))
+        if not mask.all():  # zero what padded frames contain (no copy when there are none)
+            features = features.masked_fill(~mask.unsqueeze(-1), 0.0)
+        x = self.proj(features)
 
         block_outputs, branch_c = [], []
         for block in self.blocks:
-            x, c = block(x, mask)
+            x, c = self._run(block, x, mask)
             block_outputs.append(x)
             branch_c.append(c)
         block_logits = [head(out) for head, out in zip(self.block_heads, block_outputs)]
-        fused = self.fuser(block_outputs, mask)
+        fused = self._run(self.fuser, block_outputs, mask)
         return MSTembaOutput(self.head(fused), block_logits, branch_c, mask)
+
+    def _run(self, module: nn.Module, *args):
+        """module(*args), through activation checkpointing when the config asks for it and
+        autograd is recording (in inference there is nothing to save)."""
+        if self.config.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def _check_input(self, features, mask) -> torch.Tensor:
         """Validate the inputs; returns the mask (all True when None)."""

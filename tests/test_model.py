@@ -396,6 +396,53 @@ def test_every_parameter_gets_a_gradient():
     assert missing == []
 
 
+def saved_for_backward_bytes(model, features, mask) -> tuple[object, int]:
+    """The model's output and the bytes autograd keeps for its backward (one count per storage)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(features, mask)
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_checkpoint_blocks_gives_identical_outputs_and_gradients(dropout):
+    """Activation checkpointing recomputes each block in the backward: the outputs and every
+    gradient must be exactly those of the plain model (dropout masks included), while autograd
+    keeps a fraction of the memory."""
+    features, mask = padded_batch((40, 23), 64, garbage=1.0)
+    results = []
+    for checkpoint_blocks in (False, True):
+        model = tiny_model(seed=11, dropout=dropout, checkpoint_blocks=checkpoint_blocks).train()
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        out, saved = saved_for_backward_bytes(model, features, mask)
+        loss = sum((logits * torch.linspace(-1, 1, logits.shape[-1])).sum()
+                   for logits in [out.logits, *out.block_logits])
+        (loss + sum(c.square().sum() for c in out.branch_c)).backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        results.append((out, grads, saved))
+    (plain, plain_grads, plain_saved), (checkpointed, checkpointed_grads, checkpointed_saved) = results
+    for a, b in zip([plain.logits, *plain.block_logits, *plain.branch_c],
+                    [checkpointed.logits, *checkpointed.block_logits, *checkpointed.branch_c]):
+        assert torch.equal(a, b)
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, checkpointed_grads[name]), name
+    assert checkpointed_saved < plain_saved / 4
+
+
+def test_checkpoint_blocks_does_nothing_without_autograd():
+    model = tiny_model(seed=12, checkpoint_blocks=True)
+    features, mask = padded_batch((9, 6), 64)
+    with torch.no_grad():
+        expected = tiny_model(seed=12)(features, mask).logits
+        assert torch.equal(model(features, mask).logits, expected)
+
+
 def test_config_round_trips_through_asdict():
     model = ms_temba.create_model("ms_temba_tiny", widths=[16, 24], num_classes=3)
     assert model.config.widths == (16, 24) and len(model.block_heads) == 2
@@ -408,7 +455,7 @@ def test_config_round_trips_through_asdict():
     "key, value",
     [("in_dim", 0), ("num_classes", -1), ("widths", ()), ("widths", (32, 0)), ("d_state", 0),
      ("expand", 1.5), ("d_conv", 0), ("layers_per_branch", 0), ("tlm_kernel", 0),
-     ("dropout", 1.0), ("tlm", "yes")],
+     ("dropout", 1.0), ("tlm", "yes"), ("checkpoint_blocks", 1)],
 )
 def test_config_validation_names_the_key(key, value):
     with pytest.raises(ValueError, match=key):

@@ -1,21 +1,28 @@
-// The selective scan's sequential recurrence on CPU, forward and backward, as plain loops.
+// The selective scan on CPU, forward and backward, as plain loops: the recurrence and everything
+// elementwise around it (the step size softplus(delta + delta_bias), delta * u, the D skip and the
+// silu(z) gate), so that no sequence-long temporary is allocated besides the outputs.
 //
-// Built on first use by ms_temba/ops.py (torch.utils.cpp_extension.load); ops.py prepares every
-// input in the time-major layouts below and does everything that is elementwise over whole
-// sequences (softplus, delta * u, the D skip, the silu gate) with ordinary torch ops.
+// Built on first use by ms_temba/ops (torch.utils.cpp_extension.load). Layouts:
 //
-//   step, step_u, grad_y : (length, batch, groups, H)   the step size delta, delta * u, d loss/d y
-//   A                    : (groups, N, H)               channel c = g * H + h, state n
-//   B, C                 : (length, batch, groups, N)
+//   u, delta, z, out and their gradients : (batch, dim, length), any strides (read and written
+//                                          through `Strided`); outputs are allocated time-major,
+//                                          as transposed views of (batch, length, dim)
+//   A                                    : (groups, N, H)       channel c = g * H + h, state n
+//   B, C and their gradients             : (length, batch, groups, N), in the scan's time order
 //
-//   h[t] = exp(step[t] A) h[t-1] + step_u[t] B[t]        y[t] = sum_n C[t, n] h[t, n]
+//   step[t] = softplus(delta[t] + delta_bias)                (or without softplus / bias)
+//   h[t] = exp(step[t] A) h[t-1] + step[t] u[t] B[t]         y[t] = sum_n C[t, n] h[t, n]
+//   out[t] = (y[t] + D u[t]) silu(z[t])
+//
+// With `reverse` the scan runs from the last time step to the first: scan step t reads and writes
+// public time length - 1 - t, and B, C come already reversed (the caller's time-major copies).
 //
 // Work is split over blocks of kBlock adjacent channels of one (batch, group); a block's states
 // (N x kBlock values) stay in registers or L1 for the whole sequence, and the innermost loops run
-// over the block's channels, which are contiguous in every per-channel tensor, so they vectorise.
-// The forward keeps the state at the start of every chunk of `chunk` steps; the backward recomputes
-// a chunk's states and decays from it into a small per-block buffer, then runs the reverse-time
-// recurrence of the gradient through the chunk.
+// over the block's channels, so they vectorise. The forward keeps the state at the start of every
+// chunk of `chunk` steps; the backward recomputes a chunk's states, decays and outputs from it
+// into small per-block buffers, then runs the reverse-time recurrence of the gradient through the
+// chunk.
 
 #include <torch/extension.h>
 
@@ -23,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -32,27 +40,75 @@ constexpr int64_t kBlock = 16;  // channels per block: one AVX-512 register of f
 struct Layout {
   int64_t length, batch, groups, channels, states;  // channels = H per group
   int64_t blocks_per_group() const { return (channels + kBlock - 1) / kBlock; }
-  // Offset of (t, b, g, h) in a per-channel tensor and of (t, b, g, n) in B or C.
-  int64_t channel(int64_t t, int64_t b, int64_t g, int64_t h) const {
-    return ((t * batch + b) * groups + g) * channels + h;
-  }
+  // Offset of (t, b, g, n) in B or C.
   int64_t state(int64_t t, int64_t b, int64_t g, int64_t n) const {
     return ((t * batch + b) * groups + g) * states + n;
   }
   int64_t num_blocks() const { return batch * groups * blocks_per_group(); }
 };
 
-// Where block `index` lies: batch b, group g, channels h0 .. h0 + width - 1 of the group.
+// A (batch, dim, length) tensor of any strides; data is null for an absent optional input.
+template <typename scalar_t>
+struct Strided {
+  scalar_t* data = nullptr;
+  int64_t batch_stride = 0, channel_stride = 0, time_stride = 0;
+  Strided() = default;
+  explicit Strided(const at::Tensor& t)
+      : data(static_cast<scalar_t*>(t.data_ptr())), batch_stride(t.stride(0)), channel_stride(t.stride(1)),
+        time_stride(t.stride(2)) {}
+  scalar_t& at(int64_t b, int64_t c, int64_t t) const {
+    return data[b * batch_stride + c * channel_stride + t * time_stride];
+  }
+};
+
+// Where block `index` lies: batch b, group g, channels h0 .. h0 + width - 1 of the group, the
+// first of them channel c0 = g * H + h0 of the public tensors.
 struct Block {
-  int64_t b, g, h0, width;
+  int64_t b, g, h0, c0, width;
   Block(const Layout& s, int64_t index) {
     const int64_t bg = index / s.blocks_per_group();
     b = bg / s.groups;
     g = bg % s.groups;
     h0 = (index % s.blocks_per_group()) * kBlock;
+    c0 = g * s.channels + h0;
     width = std::min(kBlock, s.channels - h0);
   }
 };
+
+// The elementwise inputs of the scan and their options, shared by forward and backward.
+template <typename scalar_t>
+struct Inputs {
+  Strided<const scalar_t> u, delta, z;  // z.data null: no gate
+  const scalar_t* delta_bias;           // null: none
+  const scalar_t* D;                    // null: no skip
+  bool softplus, reverse;
+
+  // Public time of scan step t.
+  int64_t public_time(const Layout& s, int64_t t) const { return reverse ? s.length - 1 - t : t; }
+
+  // delta + delta_bias at (b, c, public time tp): the argument of the softplus.
+  scalar_t pre_step(int64_t b, int64_t c, int64_t tp) const {
+    return delta.at(b, c, tp) + (delta_bias ? delta_bias[c] : scalar_t(0));
+  }
+
+  // The block's step sizes, inputs and step * u at public time tp.
+  void load_step(const Block& block, int64_t tp, scalar_t* step, scalar_t* u_t,
+                 scalar_t* step_u) const {
+    for (int64_t i = 0; i < block.width; ++i) {
+      const int64_t c = block.c0 + i;
+      const scalar_t x = pre_step(block.b, c, tp);
+      // torch's softplus: x above its threshold 20 is returned as is.
+      step[i] = softplus ? (x > scalar_t(20) ? x : std::log1p(std::exp(x))) : x;
+      u_t[i] = u.at(block.b, c, tp);
+      step_u[i] = step[i] * u_t[i];
+    }
+  }
+};
+
+template <typename scalar_t>
+scalar_t sigmoid(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + std::exp(-x));
+}
 
 // The block's columns of A (groups, N, H) as N rows of kBlock values.
 template <typename scalar_t>
@@ -62,35 +118,47 @@ void load_A(const Layout& s, const Block& block, const scalar_t* A, scalar_t* A_
       A_block[n * kBlock + i] = A[(block.g * s.states + n) * s.channels + block.h0 + i];
 }
 
-Layout layout_of(const at::Tensor& step, const at::Tensor& A) {
-  return Layout{step.size(0), step.size(1), step.size(2), step.size(3), A.size(1)};
-}
-
-void check(const std::vector<at::Tensor>& tensors) {
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU");
-    TORCH_CHECK(t.is_contiguous(), "selective_scan_cpu: tensors must be contiguous");
-    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(),
-                "selective_scan_cpu: tensors must share one dtype");
+// One step of the recurrence for a block: next = exp(step A) prev + step_u B, y = sum_n C next.
+// Writes the decays exp(step A) when `decay` is not null.
+template <typename scalar_t>
+void scan_step(const Layout& s, const scalar_t* step, const scalar_t* step_u,
+               const scalar_t* A_block, const scalar_t* B_t, const scalar_t* C_t,
+               const scalar_t* prev, scalar_t* next, scalar_t* decay, scalar_t* y) {
+  for (int64_t i = 0; i < kBlock; ++i) y[i] = 0;
+  for (int64_t n = 0; n < s.states; ++n) {
+    const scalar_t* A_n = A_block + n * kBlock;
+    const scalar_t* prev_n = prev + n * kBlock;
+    scalar_t* next_n = next + n * kBlock;
+    const scalar_t B_tn = B_t[n], C_tn = C_t[n];
+#pragma omp simd
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const scalar_t decay_i = std::exp(step[i] * A_n[i]);
+      if (decay) decay[n * kBlock + i] = decay_i;
+      next_n[i] = decay_i * prev_n[i] + step_u[i] * B_tn;
+      y[i] += C_tn * next_n[i];
+    }
   }
 }
 
-// Forward over all blocks. Writes y and the state entering each chunk followed by the last state
-// (checkpoints, (num_chunks + 1, batch, groups, N, H)).
+// Forward over all blocks. Writes out and the state entering each chunk followed by the last
+// state (checkpoints, (num_chunks + 1, batch, groups, N, H)).
 template <typename scalar_t>
-void forward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const scalar_t* step_u,
-                    const scalar_t* A, const scalar_t* B, const scalar_t* C, scalar_t* y,
+void forward_kernel(const Layout& s, int64_t chunk, const Inputs<scalar_t>& in, const scalar_t* A,
+                    const scalar_t* B, const scalar_t* C, Strided<scalar_t> out,
                     scalar_t* checkpoints) {
   const int64_t N = s.states, H = s.channels;
   at::parallel_for(0, s.num_blocks(), 1, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> h_store(N * kBlock), A_store(N * kBlock);
-    scalar_t* h = h_store.data();
+    // Two state buffers, swapped every step. Channels past a block's width stay zero (their A,
+    // step and input are zero), so the inner loops can always run over kBlock channels.
+    std::vector<scalar_t> h_store(2 * N * kBlock), A_store(N * kBlock);
     scalar_t* A_block = A_store.data();
     for (int64_t index = first; index < last; ++index) {
       const Block block(s, index);
       const int64_t b = block.b, g = block.g, h0 = block.h0, width = block.width;
+      std::fill(A_store.begin(), A_store.end(), scalar_t(0));
       load_A(s, block, A, A_block);
       std::fill(h_store.begin(), h_store.end(), scalar_t(0));
+      scalar_t *h = h_store.data(), *h_next = h + N * kBlock;
       auto save_state = [&](int64_t row) {
         scalar_t* saved = checkpoints + ((row * s.batch + b) * s.groups + g) * N * H;
         for (int64_t n = 0; n < N; ++n)
@@ -98,97 +166,112 @@ void forward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const 
       };
       for (int64_t t = 0; t < s.length; ++t) {
         if (t % chunk == 0) save_state(t / chunk);
-        const scalar_t* step_t = step + s.channel(t, b, g, h0);
-        const scalar_t* step_u_t = step_u + s.channel(t, b, g, h0);
-        const scalar_t* B_t = B + s.state(t, b, g, 0);
-        const scalar_t* C_t = C + s.state(t, b, g, 0);
-        scalar_t y_t[kBlock] = {};
-        for (int64_t n = 0; n < N; ++n) {
-          scalar_t* h_n = h + n * kBlock;
-          const scalar_t* A_n = A_block + n * kBlock;
-          const scalar_t B_tn = B_t[n], C_tn = C_t[n];
-#pragma omp simd
-          for (int64_t i = 0; i < width; ++i) {
-            h_n[i] = std::exp(step_t[i] * A_n[i]) * h_n[i] + step_u_t[i] * B_tn;
-            y_t[i] += C_tn * h_n[i];
+        const int64_t tp = in.public_time(s, t);
+        scalar_t step[kBlock] = {}, u_t[kBlock] = {}, step_u[kBlock] = {}, y[kBlock];
+        in.load_step(block, tp, step, u_t, step_u);
+        scan_step(s, step, step_u, A_block, B + s.state(t, b, g, 0), C + s.state(t, b, g, 0), h,
+                  h_next, static_cast<scalar_t*>(nullptr), y);
+        std::swap(h, h_next);
+        for (int64_t i = 0; i < width; ++i) {
+          const int64_t c = block.c0 + i;
+          scalar_t value = y[i] + (in.D ? in.D[c] * u_t[i] : scalar_t(0));
+          if (in.z.data) {
+            const scalar_t z = in.z.at(b, c, tp);
+            value *= z * sigmoid(z);
           }
+          out.at(b, c, tp) = value;
         }
-        scalar_t* y_out = y + s.channel(t, b, g, h0);
-        for (int64_t i = 0; i < width; ++i) y_out[i] = y_t[i];
       }
       save_state((s.length + chunk - 1) / chunk);  // the last state, h[length - 1]
     }
   });
 }
 
-// Backward over all blocks. grad_B and grad_C are sums over the channels of a group and grad_A a
-// sum over the batch, which several threads share, so each thread adds into its own slice of
-// *_partial (threads, ...); the caller sums them.
+// The gradients written per (batch, channel, time) and the per-thread partial sums of those that
+// several blocks share: grad_A over the batch, grad_B and grad_C over a group's channels, grad_D
+// and grad_delta_bias over batch and time. Each thread adds into its own slice (threads, ...);
+// the caller sums them.
 template <typename scalar_t>
-void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const scalar_t* step_u,
+struct Gradients {
+  Strided<scalar_t> u, delta, z;  // z.data null: no gate
+  scalar_t *A_partial, *B_partial, *C_partial, *D_partial, *delta_bias_partial;
+};
+
+template <typename scalar_t>
+void backward_kernel(const Layout& s, int64_t chunk, const Inputs<scalar_t>& in,
                      const scalar_t* A, const scalar_t* B, const scalar_t* C,
-                     const scalar_t* grad_y, const scalar_t* checkpoints, scalar_t* y,
-                     scalar_t* grad_step, scalar_t* grad_step_u, scalar_t* grad_A_partial,
-                     scalar_t* grad_B_partial, scalar_t* grad_C_partial) {
-  const int64_t N = s.states, H = s.channels;
+                     Strided<const scalar_t> grad_out, const scalar_t* checkpoints,
+                     const Gradients<scalar_t>& grad) {
+  const int64_t N = s.states, H = s.channels, dim = s.groups * H;
   const int64_t per_thread = s.length * s.batch * s.groups * N;
   const int64_t num_chunks = (s.length + chunk - 1) / chunk;
   at::parallel_for(0, s.num_blocks(), 1, [&](int64_t first, int64_t last) {
-    scalar_t* grad_B_mine = grad_B_partial + at::get_thread_num() * per_thread;
-    scalar_t* grad_C_mine = grad_C_partial + at::get_thread_num() * per_thread;
-    scalar_t* grad_A_mine = grad_A_partial + at::get_thread_num() * s.groups * N * H;
-    // states[(t + 1) N kBlock ...] is h[t] of the chunk, row 0 the state entering it.
+    const int64_t thread = at::get_thread_num();
+    scalar_t* grad_B_mine = grad.B_partial + thread * per_thread;
+    scalar_t* grad_C_mine = grad.C_partial + thread * per_thread;
+    scalar_t* grad_A_mine = grad.A_partial + thread * s.groups * N * H;
+    scalar_t* grad_D_mine = grad.D_partial + thread * dim;
+    scalar_t* grad_bias_mine = grad.delta_bias_partial + thread * dim;
+    // Per chunk step k: states[(k + 1) N kBlock ...] is h[t], row 0 the state entering the chunk;
+    // decays, steps and y the recomputed exp(step A), step and y[t].
     std::vector<scalar_t> states((chunk + 1) * N * kBlock), decays(chunk * N * kBlock);
+    std::vector<scalar_t> steps(chunk * kBlock), ys(chunk * kBlock);
     std::vector<scalar_t> A_store(N * kBlock), g_store(N * kBlock), grad_A_store(N * kBlock);
     scalar_t *A_block = A_store.data(), *grad_h = g_store.data(), *grad_A_block = grad_A_store.data();
     for (int64_t index = first; index < last; ++index) {
       const Block block(s, index);
       const int64_t b = block.b, g = block.g, h0 = block.h0, width = block.width;
+      std::fill(A_store.begin(), A_store.end(), scalar_t(0));
       load_A(s, block, A, A_block);
       std::fill(g_store.begin(), g_store.end(), scalar_t(0));  // nothing comes back after the end
       std::fill(grad_A_store.begin(), grad_A_store.end(), scalar_t(0));
+      std::fill(states.begin(), states.end(), scalar_t(0));
+      scalar_t grad_D_block[kBlock] = {}, grad_bias_block[kBlock] = {};
       for (int64_t c = num_chunks - 1; c >= 0; --c) {
         const int64_t start = c * chunk, size = std::min(chunk, s.length - start);
-        // Recompute the chunk's decays, states and outputs y from its checkpoint (y is returned
-        // so that the caller need not keep the forward's y for the gate's gradient).
+        // Recompute the chunk's steps, decays, states and y from its checkpoint.
         const scalar_t* saved = checkpoints + ((c * s.batch + b) * s.groups + g) * N * H;
         for (int64_t n = 0; n < N; ++n)
           for (int64_t i = 0; i < width; ++i) states[n * kBlock + i] = saved[n * H + h0 + i];
         for (int64_t k = 0; k < size; ++k) {
           const int64_t t = start + k;
-          const scalar_t* step_t = step + s.channel(t, b, g, h0);
-          const scalar_t* step_u_t = step_u + s.channel(t, b, g, h0);
-          const scalar_t* B_t = B + s.state(t, b, g, 0);
-          const scalar_t* C_t = C + s.state(t, b, g, 0);
-          scalar_t y_t[kBlock] = {};
-          for (int64_t n = 0; n < N; ++n) {
-            const scalar_t* A_n = A_block + n * kBlock;
-            const scalar_t* prev = states.data() + (k * N + n) * kBlock;
-            scalar_t* next = states.data() + ((k + 1) * N + n) * kBlock;
-            scalar_t* decay = decays.data() + (k * N + n) * kBlock;
-            const scalar_t B_tn = B_t[n], C_tn = C_t[n];
-#pragma omp simd
-            for (int64_t i = 0; i < width; ++i) {
-              decay[i] = std::exp(step_t[i] * A_n[i]);
-              next[i] = decay[i] * prev[i] + step_u_t[i] * B_tn;
-              y_t[i] += C_tn * next[i];
-            }
-          }
-          scalar_t* y_out = y + s.channel(t, b, g, h0);
-          for (int64_t i = 0; i < width; ++i) y_out[i] = y_t[i];
+          scalar_t* step = steps.data() + k * kBlock;
+          scalar_t u_t[kBlock] = {}, step_u[kBlock] = {};
+          std::fill(step, step + kBlock, scalar_t(0));
+          in.load_step(block, in.public_time(s, t), step, u_t, step_u);
+          scan_step(s, step, step_u, A_block, B + s.state(t, b, g, 0), C + s.state(t, b, g, 0),
+                    states.data() + k * N * kBlock, states.data() + (k + 1) * N * kBlock,
+                    decays.data() + k * N * kBlock, ys.data() + k * kBlock);
         }
         // Reverse time. grad_h holds d loss / d h[t] once C[t] grad_y[t] is added, and
         // decay[t+1] d loss / d h[t+1] (what step t+1 sends back) before.
         for (int64_t k = size - 1; k >= 0; --k) {
-          const int64_t t = start + k;
-          const scalar_t* step_t = step + s.channel(t, b, g, h0);
-          const scalar_t* step_u_t = step_u + s.channel(t, b, g, h0);
-          const scalar_t* grad_y_t = grad_y + s.channel(t, b, g, h0);
+          const int64_t t = start + k, tp = in.public_time(s, t);
+          const scalar_t* step = steps.data() + k * kBlock;
           const scalar_t* B_t = B + s.state(t, b, g, 0);
           const scalar_t* C_t = C + s.state(t, b, g, 0);
           scalar_t* grad_B_t = grad_B_mine + s.state(t, b, g, 0);
           scalar_t* grad_C_t = grad_C_mine + s.state(t, b, g, 0);
-          scalar_t grad_step_t[kBlock] = {}, grad_step_u_t[kBlock] = {};
+          // out = (y + D u) silu(z): d loss / d y, and the gate's gradient.
+          scalar_t u_t[kBlock] = {}, step_u[kBlock] = {}, grad_y[kBlock] = {};
+          for (int64_t i = 0; i < width; ++i) {
+            const int64_t c = block.c0 + i;
+            u_t[i] = in.u.at(b, c, tp);
+            step_u[i] = step[i] * u_t[i];
+            const scalar_t grad_out_i = grad_out.at(b, c, tp);
+            if (in.z.data) {
+              const scalar_t z = in.z.at(b, c, tp), sigmoid_z = sigmoid(z);
+              const scalar_t pre_gate = ys[k * kBlock + i] + (in.D ? in.D[c] * u_t[i] : scalar_t(0));
+              grad_y[i] = grad_out_i * z * sigmoid_z;
+              // d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+              grad.z.at(b, c, tp) =
+                  grad_out_i * pre_gate * sigmoid_z * (scalar_t(1) + z * (scalar_t(1) - sigmoid_z));
+            } else {
+              grad_y[i] = grad_out_i;
+            }
+            grad_D_block[i] += grad_y[i] * u_t[i];
+          }
+          scalar_t grad_step[kBlock] = {}, grad_step_u[kBlock] = {};
           for (int64_t n = 0; n < N; ++n) {
             scalar_t* g_n = grad_h + n * kBlock;
             scalar_t* grad_A_n = grad_A_block + n * kBlock;
@@ -199,84 +282,170 @@ void backward_kernel(const Layout& s, int64_t chunk, const scalar_t* step, const
             const scalar_t B_tn = B_t[n], C_tn = C_t[n];
             scalar_t grad_B_tn = 0, grad_C_tn = 0;
 #pragma omp simd reduction(+ : grad_B_tn, grad_C_tn)
-            for (int64_t i = 0; i < width; ++i) {
-              grad_C_tn += h_t[i] * grad_y_t[i];                 // y[t] = sum_n C h
-              g_n[i] += C_tn * grad_y_t[i];                      // now d loss / d h[t]
-              grad_step_u_t[i] += g_n[i] * B_tn;                 // h[t] = ... + step_u B
-              grad_B_tn += g_n[i] * step_u_t[i];
+            for (int64_t i = 0; i < kBlock; ++i) {
+              grad_C_tn += h_t[i] * grad_y[i];                   // y[t] = sum_n C h
+              g_n[i] += C_tn * grad_y[i];                        // now d loss / d h[t]
+              grad_step_u[i] += g_n[i] * B_tn;                   // h[t] = ... + step_u B
+              grad_B_tn += g_n[i] * step_u[i];
               const scalar_t grad_log_decay = g_n[i] * decay[i] * prev[i];  // d / d (step A)
-              grad_step_t[i] += grad_log_decay * A_n[i];
-              grad_A_n[i] += grad_log_decay * step_t[i];
+              grad_step[i] += grad_log_decay * A_n[i];
+              grad_A_n[i] += grad_log_decay * step[i];
               g_n[i] *= decay[i];                                // sent back to h[t-1]
             }
             grad_B_t[n] += grad_B_tn;
             grad_C_t[n] += grad_C_tn;
           }
-          scalar_t* grad_step_out = grad_step + s.channel(t, b, g, h0);
-          scalar_t* grad_step_u_out = grad_step_u + s.channel(t, b, g, h0);
+          // step u and the D skip, then the softplus (softplus' = sigmoid).
           for (int64_t i = 0; i < width; ++i) {
-            grad_step_out[i] = grad_step_t[i];
-            grad_step_u_out[i] = grad_step_u_t[i];
+            const int64_t c = block.c0 + i;
+            scalar_t grad_u = grad_step_u[i] * step[i];
+            if (in.D) grad_u += grad_y[i] * in.D[c];
+            scalar_t grad_delta = grad_step[i] + grad_step_u[i] * u_t[i];
+            if (in.softplus) grad_delta *= sigmoid(in.pre_step(b, c, tp));
+            grad_bias_block[i] += grad_delta;
+            grad.u.at(b, c, tp) = grad_u;
+            grad.delta.at(b, c, tp) = grad_delta;
           }
         }
       }
-      // The batch shares A, and blocks of one (g, h0) but another b may run on another thread.
+      // The batch shares A, D and delta_bias, and blocks of one (g, h0) but another b may run
+      // on another thread.
       for (int64_t n = 0; n < N; ++n) {
         scalar_t* out = grad_A_mine + (g * N + n) * H + h0;
         for (int64_t i = 0; i < width; ++i) out[i] += grad_A_block[n * kBlock + i];
+      }
+      for (int64_t i = 0; i < width; ++i) {
+        grad_D_mine[block.c0 + i] += grad_D_block[i];
+        grad_bias_mine[block.c0 + i] += grad_bias_block[i];
       }
     }
   });
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& step, const at::Tensor& step_u,
-                                const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                                int64_t chunk) {
-  check({step, step_u, A, B, C});
-  TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk must be >= 1");
-  const Layout s = layout_of(step, A);
-  const int64_t num_chunks = (s.length + chunk - 1) / chunk;
-  auto y = at::empty_like(step);
-  auto checkpoints =
-      at::empty({num_chunks + 1, s.batch, s.groups, s.states, s.channels}, step.options());
-  AT_DISPATCH_FLOATING_TYPES(step.scalar_type(), "selective_scan_cpu_forward", [&] {
-    forward_kernel<scalar_t>(s, chunk, step.data_ptr<scalar_t>(), step_u.data_ptr<scalar_t>(),
-                             A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(),
-                             y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>());
-  });
-  return {y, checkpoints};
+void check(const std::vector<at::Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(),
+                "selective_scan_cpu: tensors must share one dtype");
+  }
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& step, const at::Tensor& step_u,
-                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                                 const at::Tensor& grad_y, const at::Tensor& checkpoints,
-                                 int64_t chunk) {
-  check({step, step_u, A, B, C, grad_y, checkpoints});
+void check_contiguous(const std::vector<at::Tensor>& tensors) {
+  for (const auto& t : tensors)
+    TORCH_CHECK(t.is_contiguous(), "selective_scan_cpu: A, B, C, D, delta_bias and the "
+                                   "checkpoints must be contiguous");
+}
+
+// (batch, dim, length) storage that is time-major: a transposed view of (batch, length, dim).
+at::Tensor empty_time_major(const at::Tensor& like) {
+  return at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
+}
+
+Layout layout_of(const at::Tensor& u, const at::Tensor& A) {
+  // A is (groups, N, H).
+  return Layout{u.size(2), u.size(0), A.size(0), A.size(2), A.size(1)};
+}
+
+std::vector<at::Tensor> optional_list(const std::optional<at::Tensor>& t) {
+  return t ? std::vector<at::Tensor>{*t} : std::vector<at::Tensor>{};
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> inputs_of(const at::Tensor& u, const at::Tensor& delta,
+                           const std::optional<at::Tensor>& z,
+                           const std::optional<at::Tensor>& delta_bias,
+                           const std::optional<at::Tensor>& D, bool softplus, bool reverse) {
+  return Inputs<scalar_t>{Strided<const scalar_t>(u),
+                          Strided<const scalar_t>(delta),
+                          z ? Strided<const scalar_t>(*z) : Strided<const scalar_t>(),
+                          delta_bias ? delta_bias->data_ptr<scalar_t>() : nullptr,
+                          D ? D->data_ptr<scalar_t>() : nullptr,
+                          softplus,
+                          reverse};
+}
+
+// -> (out, checkpoints: the state entering each chunk, then the last state).
+std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta,
+                                const std::optional<at::Tensor>& z,
+                                const std::optional<at::Tensor>& delta_bias,
+                                const std::optional<at::Tensor>& D, const at::Tensor& A,
+                                const at::Tensor& B, const at::Tensor& C, bool softplus,
+                                bool reverse, int64_t chunk) {
+  std::vector<at::Tensor> all{u, delta, A, B, C};
+  for (const auto& t : {z, delta_bias, D})
+    if (t) all.push_back(*t);
+  check(all);
+  check_contiguous({A, B, C});
+  for (const auto& t : {delta_bias, D})
+    if (t) check_contiguous({*t});
   TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk must be >= 1");
-  const Layout s = layout_of(step, A);
-  auto y = at::empty_like(step);
-  auto grad_step = at::empty_like(step);
-  auto grad_step_u = at::empty_like(step);
-  const int64_t threads = at::get_num_threads();
-  auto grad_A_partial = at::zeros({threads, s.groups, s.states, s.channels}, step.options());
-  auto grad_B_partial = at::zeros({threads, s.length, s.batch, s.groups, s.states}, step.options());
-  auto grad_C_partial = at::zeros({threads, s.length, s.batch, s.groups, s.states}, step.options());
-  AT_DISPATCH_FLOATING_TYPES(step.scalar_type(), "selective_scan_cpu_backward", [&] {
-    backward_kernel<scalar_t>(
-        s, chunk, step.data_ptr<scalar_t>(), step_u.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-        B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(),
-        checkpoints.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), grad_step.data_ptr<scalar_t>(),
-        grad_step_u.data_ptr<scalar_t>(), grad_A_partial.data_ptr<scalar_t>(),
-        grad_B_partial.data_ptr<scalar_t>(), grad_C_partial.data_ptr<scalar_t>());
+  const Layout s = layout_of(u, A);
+  const int64_t num_chunks = (s.length + chunk - 1) / chunk;
+  auto out = empty_time_major(u);
+  auto checkpoints =
+      at::empty({num_chunks + 1, s.batch, s.groups, s.states, s.channels}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
+    forward_kernel<scalar_t>(s, chunk,
+                             inputs_of<scalar_t>(u, delta, z, delta_bias, D, softplus, reverse),
+                             A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(),
+                             Strided<scalar_t>(out), checkpoints.data_ptr<scalar_t>());
   });
-  return {y, grad_step, grad_step_u, grad_A_partial.sum(0), grad_B_partial.sum(0),
-          grad_C_partial.sum(0)};
+  return {out, checkpoints};
+}
+
+// -> (grad_u, grad_delta, grad_z or an empty tensor, grad_A, grad_B, grad_C, grad_D,
+//     grad_delta_bias); grad_D and grad_delta_bias are computed whether or not D and
+//     delta_bias were given.
+std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta,
+                                 const std::optional<at::Tensor>& z,
+                                 const std::optional<at::Tensor>& delta_bias,
+                                 const std::optional<at::Tensor>& D, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, bool softplus,
+                                 bool reverse, const at::Tensor& grad_out,
+                                 const at::Tensor& checkpoints, int64_t chunk) {
+  std::vector<at::Tensor> all{u, delta, A, B, C, grad_out, checkpoints};
+  for (const auto& t : {z, delta_bias, D})
+    if (t) all.push_back(*t);
+  check(all);
+  check_contiguous({A, B, C, checkpoints});
+  for (const auto& t : {delta_bias, D})
+    if (t) check_contiguous({*t});
+  TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk must be >= 1");
+  const Layout s = layout_of(u, A);
+  const int64_t dim = u.size(1);
+  auto grad_u = empty_time_major(u);
+  auto grad_delta = empty_time_major(u);
+  auto grad_z = z ? empty_time_major(u) : at::Tensor();
+  const int64_t threads = at::get_num_threads();
+  auto grad_A_partial = at::zeros({threads, s.groups, s.states, s.channels}, u.options());
+  auto grad_B_partial = at::zeros({threads, s.length, s.batch, s.groups, s.states}, u.options());
+  auto grad_C_partial = at::zeros({threads, s.length, s.batch, s.groups, s.states}, u.options());
+  auto grad_D_partial = at::zeros({threads, dim}, u.options());
+  auto grad_bias_partial = at::zeros({threads, dim}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
+    Gradients<scalar_t> grad{Strided<scalar_t>(grad_u),
+                             Strided<scalar_t>(grad_delta),
+                             z ? Strided<scalar_t>(grad_z) : Strided<scalar_t>(),
+                             grad_A_partial.data_ptr<scalar_t>(),
+                             grad_B_partial.data_ptr<scalar_t>(),
+                             grad_C_partial.data_ptr<scalar_t>(),
+                             grad_D_partial.data_ptr<scalar_t>(),
+                             grad_bias_partial.data_ptr<scalar_t>()};
+    backward_kernel<scalar_t>(s, chunk,
+                              inputs_of<scalar_t>(u, delta, z, delta_bias, D, softplus, reverse),
+                              A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
+                              C.data_ptr<scalar_t>(), Strided<const scalar_t>(grad_out),
+                              checkpoints.data_ptr<scalar_t>(), grad);
+  });
+  return {grad_u, grad_delta, grad_z, grad_A_partial.sum(0), grad_B_partial.sum(0),
+          grad_C_partial.sum(0), grad_D_partial.sum(0), grad_bias_partial.sum(0)};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "selective scan forward: (y, states entering each chunk + last state)");
+  m.def("forward", &forward, "selective scan forward: (out, states entering each chunk + last state)");
   m.def("backward", &backward,
-        "selective scan backward: (y, grad_step, grad_step_u, grad_A, grad_B, grad_C)");
+        "selective scan backward: (grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, "
+        "grad_delta_bias)");
 }

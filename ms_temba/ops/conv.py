@@ -47,46 +47,60 @@ def depthwise_conv1d(
 
 
 class _DepthwiseConv1d(torch.autograd.Function):
-    """out[:, d, t] = bias[d] + sum_k weight[d, k] x_padded[:, d, t + k dilation], one
-    `addcmul_` per tap over whole sequences; the backward is the same sums transposed."""
+    """out[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t + k dilation - pad_before], one
+    `addcmul_` per tap over the part of the sequence where the tap reads inside x (the padding
+    is zeros, so it adds nothing: no padded copy of x is made); the backward is the same sums
+    transposed."""
 
     @staticmethod
-    def taps(x_padded, weight, bias, dilation):
-        batch, dim, padded_length = x_padded.shape
-        out_length = padded_length - dilation * (weight.shape[1] - 1)
-        out = x_padded.new_empty(batch, dim, out_length)
+    def tap_windows(length, out_length, width, dilation, pad_before):
+        """Per tap: (out window, x window), the slices of out and x the tap pairs up."""
+        windows = []
+        for tap in range(width):
+            offset = tap * dilation - pad_before
+            first, stop = max(0, -offset), min(out_length, length - offset)
+            if first < stop:
+                windows.append((tap, slice(first, stop), slice(first + offset, stop + offset)))
+        return windows
+
+    @staticmethod
+    def taps(x, weight, bias, windows, out_length):
+        batch, dim, _ = x.shape
+        out = x.new_empty(batch, dim, out_length)
         # A fresh buffer, not bias.expand(...).contiguous(): that can return the bias itself (an
         # expanded (1, dim, 1) counts as contiguous), and addcmul_ would then write into it.
         out.copy_(bias[:, None]) if bias is not None else out.zero_()
-        for tap in range(weight.shape[1]):
-            out.addcmul_(x_padded[..., tap * dilation:tap * dilation + out_length], weight[:, tap, None])
+        for tap, out_window, x_window in windows:
+            out[..., out_window].addcmul_(x[..., x_window], weight[:, tap, None])
         return out
 
     @staticmethod
     def forward(ctx, x, weight, bias, dilation, pad_before, pad_after, silu):
-        x_padded = F.pad(x, (pad_before, pad_after))
-        out = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
-        # x, not the padded copy: in a Mamba block x is a view of the in_proj output, which
-        # stays alive anyway (the scan keeps z, the other half of it). The backward pads again.
+        out_length = x.shape[-1] + pad_before + pad_after - dilation * (weight.shape[1] - 1)
+        windows = _DepthwiseConv1d.tap_windows(x.shape[-1], out_length, weight.shape[1], dilation,
+                                               pad_before)
+        out = _DepthwiseConv1d.taps(x, weight, bias, windows, out_length)
+        # In a Mamba block x is a view of the in_proj output, which stays alive anyway (the scan
+        # keeps z, the other half of it).
         ctx.save_for_backward(x, weight, bias)
-        ctx.dilation, ctx.padding, ctx.silu = dilation, (pad_before, pad_after), silu
-        return F.silu(out) if silu else out
+        ctx.windows, ctx.silu = windows, silu
+        return F.silu(out, inplace=True) if silu else out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
-        x_padded = F.pad(x, ctx.padding)
-        dilation, out_length = ctx.dilation, grad_out.shape[-1]
+        windows, out_length = ctx.windows, grad_out.shape[-1]
         if ctx.silu:  # d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))
-            pre_activation = _DepthwiseConv1d.taps(x_padded, weight, bias, dilation)
+            pre_activation = _DepthwiseConv1d.taps(x, weight, bias, windows, out_length)
             sigmoid = torch.sigmoid(pre_activation)
-            grad_out = grad_out * sigmoid * pre_activation.mul_(1 - sigmoid).add_(1)
-        grad_x_padded = torch.zeros_like(x_padded)
-        grad_weight = torch.empty_like(weight)
-        for tap in range(weight.shape[1]):
-            window = slice(tap * dilation, tap * dilation + out_length)
-            grad_x_padded[..., window].addcmul_(grad_out, weight[:, tap, None])
-            grad_weight[:, tap] = torch.einsum("bdt,bdt->d", grad_out, x_padded[..., window])
-        grad_x = grad_x_padded[..., ctx.padding[0]:ctx.padding[0] + x.shape[-1]]
+            # In pre_activation's buffer: two sequence-long temporaries instead of five.
+            grad_out = (pre_activation.addcmul_(pre_activation, sigmoid, value=-1).add_(1)
+                        .mul_(sigmoid).mul_(grad_out))
+        grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        grad_weight = torch.zeros_like(weight)
+        for tap, out_window, x_window in windows:
+            grad_x[..., x_window].addcmul_(grad_out[..., out_window], weight[:, tap, None])
+            grad_weight[:, tap] = torch.einsum("bdt,bdt->d", grad_out[..., out_window],
+                                               x[..., x_window])
         grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
         return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -12,9 +12,13 @@ recurrence itself). The Function (`SelectiveScanFunction`)
     `ms_temba.ops.cpu_extension` on first use and cached): blocks of 16 adjacent channels keep
     their states in registers for the whole sequence, and exp, the update and the readout of each
     step are one vectorised loop. That is 4-5x faster than the same chunked algorithm in torch
-    ops, whose time goes to the per-step op overhead and to re-reading chunk buffers once per op;
-  * falls back to exactly that algorithm in torch ops (`_scan_forward_eager`,
-    `_scan_backward_eager`) when it is given no extension (`ms_temba.ops.CPU_SCAN_EXTENSION` off,
+    ops, whose time goes to the per-step op overhead and to re-reading chunk buffers once per op.
+    The extension also does the elementwise work around the recurrence (softplus, delta u, the
+    D skip, the gate and their gradients) in the same loop, reading u, delta and z in the layout
+    they come in: in torch ops each of those is a sequence-long temporary, a dozen per call, and
+    at T=10000 each is a fresh mmap of glibc's whose page faults made the model's time grow
+    faster than the length;
+  * falls back to exactly that algorithm in torch ops (`_forward_eager`, `_backward_eager`) when it is given no extension (`ms_temba.ops.CPU_SCAN_EXTENSION` off,
     or the build failed). It stores a chunk time-major as (time, batch, groups, state,
     channels_per_group), so each time step is one fused `addcmul` over contiguous memory and every
     other op runs along the contiguous channel axis, which measured 2-4x faster than putting the
@@ -39,12 +43,12 @@ class SelectiveScanFunction(torch.autograd.Function):
     """Chunked sequential scan with an explicit reverse-time backward (see the module docstring).
 
     Notation inside: T = chunk length, G = groups, N = state size, H = channels per group.
-    Per-channel values (u, step, y, ...) are time-major (length, batch, G, H); B and C are
-    (length, batch, G, N); states are (batch, G, N, H); A is (G, N, H). The recurrence itself runs
-    in the C++ extension passed in as `extension` (`ms_temba.ops.cpu_extension`) or, when that is
-    None, in `_scan_forward_eager` / `_scan_backward_eager`; both take and return the same tensors.
-    Everything elementwise over whole sequences (softplus, delta u, the D skip, the gate) is done
-    here.
+    B and C are (length, batch, G, N) in the scan's time order; states are (batch, G, N, H); A is
+    (G, N, H). With the C++ extension (`extension`, from `ms_temba.ops.cpu_extension`) the whole
+    scan, the elementwise work around the recurrence included (softplus, delta u, the D skip, the
+    gate), is one loop that reads u, delta and z where they are and allocates nothing
+    sequence-long but its outputs. Without it (None) `_forward_eager` / `_backward_eager` do the
+    same in torch ops, on time-major (length, batch, G, H) copies.
     """
 
     @staticmethod
@@ -53,97 +57,124 @@ class SelectiveScanFunction(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, state_size = num_groups(B), A.shape[1]
         shape = _ScanShape(batch, dim, length, groups, state_size, reverse)
-        u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
-        _, step = _step_size(shape, delta, delta_bias, delta_softplus, dtype)
-        step_u = step * u_t
         B_t, C_t = shape.per_state(B, dtype), shape.per_state(C, dtype)
         A_t = shape.state_by_channel(A, dtype)
-        D_t = shape.channels(D, dtype)
-
+        D, delta_bias = _flat(D, dtype), _flat(delta_bias, dtype)
         if extension is not None:
-            y, states = extension.forward(step, step_u, A_t, B_t, C_t, chunk_length)
+            out, states = extension.forward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias,
+                                            D, A_t, B_t, C_t, delta_softplus, reverse, chunk_length)
         else:
-            y, states = _scan_forward_eager(shape, step, step_u, A_t, B_t, C_t, chunk_length)
+            out, states = _forward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
+                                         delta_softplus, chunk_length)
         # states: the state entering each chunk (all the backward needs to recompute a chunk),
         # then the last state.
         initial_states = states[:-1]
         last_state = states[-1].transpose(-1, -2).reshape(batch, dim, state_size).to(u.dtype)
-
-        pre_gate = y if D_t is None else y.addcmul_(u_t, D_t)  # y + D u
-        out = pre_gate if z_t is None else pre_gate * F.silu(z_t)
-        # The backward recomputes u_t, z_t, the step and y (for the gate's gradient) rather than
-        # keeping them: u is alive anyway in a Mamba block (its x_proj keeps it), and each of these
-        # sequence-long tensors is a tenth of the model's activation memory.
-        # z, not its time-major copy z_t: in a Mamba block z is a view of the in_proj output,
-        # which stays alive anyway (the conv keeps x, the other half of the same storage).
-        ctx.save_for_backward(u, delta, delta_bias, z, A_t, B_t, C_t, D_t, initial_states)
+        # The backward recomputes the step, delta u and y rather than keeping them: each of these
+        # sequence-long tensors is a tenth of the model's activation memory. u, delta and z are
+        # alive anyway in a Mamba block (x_proj keeps u, dt_proj's output is delta, z is a view of
+        # the in_proj output, which the conv keeps).
+        ctx.save_for_backward(u, delta, z, delta_bias, D, A_t, B_t, C_t, initial_states)
         ctx.shape, ctx.chunk_length, ctx.delta_softplus = shape, chunk_length, delta_softplus
         ctx.extension = extension
-        ctx.input_dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z)]
+        ctx.input_dtypes = [x.dtype for x in (u, delta, A, B, C)]
+        ctx.optional_dtypes = [None if x is None else x.dtype for x in (D, z, delta_bias)]
         ctx.B_shape, ctx.C_shape = B.shape, C.shape
         ctx.mark_non_differentiable(last_state)
-        return shape.channels_first(out).to(u.dtype), last_state
+        return out.to(u.dtype), last_state
 
     @staticmethod
     def backward(ctx, grad_out, _grad_last_state):
-        u, delta, delta_bias, z, A_t, B_t, C_t, D_t, initial_states = ctx.saved_tensors
+        u, delta, z, delta_bias, D, A_t, B_t, C_t, initial_states = ctx.saved_tensors
         shape: _ScanShape = ctx.shape
         dtype = A_t.dtype
-        u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
-        pre_softplus, step = _step_size(shape, delta, delta_bias, ctx.delta_softplus, dtype)
-
-        # out = (y + D u) silu(z): everything but y is elementwise, done on whole sequences.
-        grad_pre_gate = shape.per_channel(grad_out, dtype)
-        if z_t is not None:
-            sigmoid_z = torch.sigmoid(z_t)
-            grad_y = grad_pre_gate * z_t * sigmoid_z
-        else:
-            grad_y = grad_pre_gate.contiguous()
-        grad_D = None
-        if D_t is not None:
-            grad_D = (grad_y * u_t).sum(dim=(0, 1))
-
-        # The scan in reverse time, which also recomputes y. grad_step is d loss / d delta, first
-        # only through exp(delta A); grad_step_u is d loss / d (delta u).
-        step_u = step * u_t
         if ctx.extension is not None:
-            y, grad_step, grad_step_u, grad_A, grad_B, grad_C = ctx.extension.backward(
-                step, step_u, A_t, B_t, C_t, grad_y, initial_states, ctx.chunk_length)
+            grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
+                ctx.extension.backward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias, D,
+                                       A_t, B_t, C_t, ctx.delta_softplus, shape.reverse,
+                                       grad_out.to(dtype), initial_states, ctx.chunk_length))
         else:
-            y, grad_step, grad_step_u, grad_A, grad_B, grad_C = _scan_backward_eager(
-                shape, step, step_u, A_t, B_t, C_t, grad_y, initial_states, ctx.chunk_length)
-        grad_z = None
-        if z_t is not None:
-            pre_gate = y if D_t is None else y.addcmul_(u_t, D_t)  # y + D u
-            # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
-            grad_z = grad_pre_gate * pre_gate * sigmoid_z * (1 + z_t * (1 - sigmoid_z))
+            grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
+                _backward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
+                                ctx.delta_softplus, grad_out, initial_states, ctx.chunk_length))
 
-        # The product delta u, the skip connection D u, and the softplus, on whole sequences.
-        grad_u = grad_step_u * step
-        if D_t is not None:
-            grad_u.addcmul_(grad_y, D_t)
-        grad_step.addcmul_(grad_step_u, u_t)
-        if ctx.delta_softplus:  # softplus' = sigmoid
-            grad_step *= torch.sigmoid(pre_softplus)
-        grad_delta_bias = None
-        if delta_bias is not None:
-            grad_delta_bias = shape.unchannels(grad_step.sum(dim=(0, 1))).to(delta_bias.dtype)
-
-        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, D_dtype, z_dtype = ctx.input_dtypes
+        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype = ctx.input_dtypes
+        D_dtype, z_dtype, delta_bias_dtype = ctx.optional_dtypes
         return (
-            shape.channels_first(grad_u).to(u_dtype),
-            shape.channels_first(grad_step).to(delta_dtype),
+            grad_u.to(u_dtype),
+            grad_delta.to(delta_dtype),
             shape.unstate_by_channel(grad_A).to(A_dtype),
             shape.unper_state(grad_B, ctx.B_shape).to(B_dtype),
             shape.unper_state(grad_C, ctx.C_shape).to(C_dtype),
-            None if grad_D is None else shape.unchannels(grad_D).to(D_dtype),
-            None if grad_z is None else shape.channels_first(grad_z).to(z_dtype),
-            grad_delta_bias,
+            None if D_dtype is None else grad_D.to(D_dtype),
+            None if z_dtype is None else grad_z.to(z_dtype),
+            None if delta_bias_dtype is None else grad_delta_bias.to(delta_bias_dtype),
             None,
             None,
             None,
             None,
         )
+
+
+def _cast(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def _flat(x, dtype):
+    """D or delta_bias, (dim,), contiguous in the compute dtype; None stays None."""
+    return None if x is None else x.to(dtype).contiguous()
+
+
+def _forward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t, delta_softplus, chunk_length):
+    """The extension's forward in torch ops: (out (batch, dim, length), states)."""
+    dtype = A_t.dtype
+    u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
+    _, step = _step_size(shape, delta, delta_bias, delta_softplus, dtype)
+    y, states = _scan_forward_eager(shape, step, step * u_t, A_t, B_t, C_t, chunk_length)
+    pre_gate = y if D is None else y.addcmul_(u_t, shape.channels(D, dtype))  # y + D u
+    out = pre_gate if z_t is None else pre_gate * F.silu(z_t)
+    return shape.channels_first(out), states
+
+
+def _backward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t, delta_softplus, grad_out,
+                    initial_states, chunk_length):
+    """The extension's backward in torch ops: (grad_u, grad_delta, grad_z, grad_A, grad_B,
+    grad_C, grad_D, grad_delta_bias), per-channel gradients as (batch, dim, length)."""
+    dtype = A_t.dtype
+    u_t, z_t = shape.per_channel(u, dtype), shape.per_channel(z, dtype)
+    D_t = shape.channels(D, dtype)
+    pre_softplus, step = _step_size(shape, delta, delta_bias, delta_softplus, dtype)
+
+    # out = (y + D u) silu(z): everything but y is elementwise, done on whole sequences.
+    grad_pre_gate = shape.per_channel(grad_out, dtype)
+    if z_t is not None:
+        sigmoid_z = torch.sigmoid(z_t)
+        grad_y = grad_pre_gate * z_t * sigmoid_z
+    else:
+        grad_y = grad_pre_gate.contiguous()
+    grad_D = (grad_y * u_t).sum(dim=(0, 1)).reshape(-1)
+
+    # The scan in reverse time, which also recomputes y. grad_step is d loss / d delta, first
+    # only through exp(delta A); grad_step_u is d loss / d (delta u).
+    step_u = step * u_t
+    y, grad_step, grad_step_u, grad_A, grad_B, grad_C = _scan_backward_eager(
+        shape, step, step_u, A_t, B_t, C_t, grad_y, initial_states, chunk_length)
+    grad_z = None
+    if z_t is not None:
+        pre_gate = y if D_t is None else y.addcmul_(u_t, D_t)  # y + D u
+        # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+        grad_z = shape.channels_first(grad_pre_gate * pre_gate * sigmoid_z * (1 + z_t * (1 - sigmoid_z)))
+
+    # The product delta u, the skip connection D u, and the softplus, on whole sequences.
+    grad_u = grad_step_u * step
+    if D_t is not None:
+        grad_u.addcmul_(grad_y, D_t)
+    grad_step.addcmul_(grad_step_u, u_t)
+    if delta_softplus:  # softplus' = sigmoid
+        grad_step *= torch.sigmoid(pre_softplus)
+    grad_delta_bias = grad_step.sum(dim=(0, 1)).reshape(-1)
+    return (shape.channels_first(grad_u), shape.channels_first(grad_step), grad_z, grad_A, grad_B,
+            grad_C, grad_D, grad_delta_bias)
 
 
 class _ScanShape:
@@ -195,9 +226,6 @@ class _ScanShape:
     def channels(self, x, dtype):
         """(dim,) -> (G, H), broadcastable against per-channel values; None stays None."""
         return None if x is None else x.to(dtype).reshape(self.groups, self.per_group)
-
-    def unchannels(self, x):
-        return x.reshape(self.dim)
 
     def state_by_channel(self, A, dtype):
         """A: (dim, N) -> contiguous (G, N, H)."""
