@@ -201,3 +201,45 @@ def test_bad_input_is_a_clear_error(images, tmp_path, capsys):
     assert "does not exist" in fails("--init", str(tmp_path / "absent.pt"), "--batch-size", "8")
     assert "is not a folder" in fails("--data", str(tmp_path / "nowhere"))
     assert not (tmp_path / "out").exists()
+
+
+def test_frames_of_a_datasets_videos_filed_under_their_annotated_classes(tmp_path):
+    import pyarrow.parquet as pq
+
+    from extractors.synthetic import make_dataset
+    from pipelines.config import DatasetParams
+    from pipelines.manifest import build_manifest
+    from pipelines.tools.train_vim import main
+
+    # 8-12 s videos of the first 8 classes: some actions in every video, classes 4..7 among them.
+    annotations = make_dataset(tmp_path / "dataset", num_videos=4, num_classes=8, seed=3, fps=8, size=32,
+                               min_duration=8.0, max_duration=12.0, test_fraction=0.5)
+    dataset = DatasetParams(name="synthetic", video_dir=str(tmp_path / "dataset" / "videos"),
+                            annotations=str(tmp_path / "dataset" / "annotations.json"), num_classes=8)
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(build_manifest(dataset, show_progress=False).table, manifest)
+
+    out = tmp_path / "run"
+    assert main(["--frames-from", str(manifest), "--frames-fps", "2", "--out", str(out), *TINY, *FAST,
+                 "--epochs", "1", "--workers", "0"]) == 0
+    # Independently, from the annotations: frame k at k / 2 s (every 4th of the 8 fps video), under
+    # each class with an action [start, end] around it.
+    expected: dict[tuple[str, str], int] = {}
+    for video_id, entry in annotations.items():
+        split = "train" if entry["subset"] == "training" else "val"
+        for k in range(math.ceil(round(entry["duration"] * 8) / 4)):
+            for label in {c for c, start, end in entry["actions"] if start <= k / 2 <= end}:
+                expected[split, f"{label:03d}"] = expected.get((split, f"{label:03d}"), 0) + 1
+    written = {(split, folder.name): len(list(folder.glob("*.jpg")))
+               for split in ("train", "val") for folder in (out / "frames" / split).iterdir()}
+    assert {key: count for key, count in written.items() if count} == expected
+    classes = [f"{label:03d}" for label in range(1 + max(c for v in annotations.values() for c, _, _ in v["actions"]))]
+    assert sorted(folder for split, folder in written) == sorted(classes * 2)  # every class in both splits
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["classes"] == classes and saved["model"]["head.weight"].shape == (len(classes), 32)
+
+    # A rerun reuses the frames (same manifest, same settings) and resumes: nothing is written again.
+    stamp = (out / "frames" / "frames.json").stat().st_mtime_ns
+    assert main(["--frames-from", str(manifest), "--frames-fps", "2", "--out", str(out), *TINY, *FAST,
+                 "--epochs", "1", "--workers", "0"]) == 0
+    assert (out / "frames" / "frames.json").stat().st_mtime_ns == stamp

@@ -2,10 +2,15 @@
 
     ms-temba train-vim --data DIR --out OUT [--model vim_tiny] [--epochs 300] [--img-size 224] ...
     ms-temba train-vim --data DIR --out OUT8 --finer-granularity --init OUT/model.pt    # stride 8
+    ms-temba train-vim --frames-from data/synthetic/manifest.parquet --out OUT          # video frames
 
 Data: DIR in the ImageFolder layout, one sub-folder of images per class: DIR/train/<class>/ and
 DIR/val/<class>/ (ImageNet's layout, as Vim's --data-path), or DIR/<class>/ alone, of which every
 image whose index in its class is a multiple of round(1 / --val-fraction) is held out for validation.
+With --frames-from, the images are frames of a dataset's videos (the manifest stage's table: paths,
+subsets, actions in seconds) sampled at --frames-fps, each filed under every class annotated at its
+time (`write_frame_folder`), into DIR (default OUT/frames): the training subset's under train/, the
+other videos' under val/.
 
 Recipe: Vim's, which is DeiT's, all from timm: training images through `create_transform`
 (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1 capped at magnitude 9: `AUTO_AUGMENT`,
@@ -53,6 +58,8 @@ from tqdm import tqdm
 CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, LOG_FILE, PLOT_FILE = (
     "last.pt", "model.pt", "metrics.json", "train_log.csv", "train_curves.png")
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "seconds")
+FRAMES_STAMP = "frames.json"  # what a --frames-from folder was written from
+TRAIN_SUBSET = "training"  # the manifest subset --frames-from trains on (pipelines.config's default)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 # Vim's (DeiT's) settings: training from scratch (scripts/pt-vim-*.sh with DeiT's defaults) and
 # fine-tuning at the finer granularity (scripts/ft-vim-*.sh). Options left unset take these.
@@ -81,8 +88,9 @@ def image_folders(data: Path, val_fraction: float, train_transform, val_transfor
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data} is not a folder")
     if (data / "train").is_dir():
-        train = ImageFolder(data / "train", transform=train_transform)
-        val = ImageFolder(data / "val", transform=val_transform) if (data / "val").is_dir() else None
+        # allow_empty: a class without validation images (frames of videos) keeps its folder, and its index.
+        train = ImageFolder(data / "train", transform=train_transform, allow_empty=True)
+        val = ImageFolder(data / "val", transform=val_transform, allow_empty=True) if (data / "val").is_dir() else None
         if val is not None and val.classes != train.classes:
             raise ValueError(f"{data}/val has classes {val.classes}, {data}/train has {train.classes}: they must agree")
         return train, val, train.classes
@@ -98,6 +106,62 @@ def image_folders(data: Path, val_fraction: float, train_transform, val_transfor
     train_indices = [i for i, out in enumerate(held_out) if not out]
     val_indices = [i for i, out in enumerate(held_out) if out]
     return Subset(train, train_indices), Subset(val, val_indices) if val_indices else None, train.classes
+
+
+def write_frame_folder(manifest: Path, folder: Path, fps: float, size: int) -> None:
+    """An ImageFolder tree of the frames of a dataset's usable videos (`manifest`, the manifest
+    stage's table) sampled at `fps`, decoded at `size` (short side, centre crop) and saved as JPEG:
+    folder/train/<class>/ from the training subset, folder/val/<class>/ from the others, every class
+    folder ("007") in both. A frame goes under every class annotated at its time (pipelines.labels'
+    rule, the frame's time as the centre); a frame without an action is left out. Written whole (in
+    a temporary folder, renamed at the end), and written again when the manifest or settings change."""
+    import shutil
+    import uuid
+
+    import numpy as np
+    from PIL import Image
+
+    from extractors.files import file_sha256
+    from extractors.video import iter_frame_chunks
+    from pipelines.labels import build_labels
+    from pipelines.manifest import read_manifest, usable_videos
+
+    settings = {"manifest_sha256": file_sha256(manifest), "fps": fps, "size": size}
+    stamp = folder / FRAMES_STAMP
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return
+    if folder.exists() and not stamp.exists():
+        raise ValueError(f"{folder} exists and holds no {FRAMES_STAMP}: it is not a frame folder of --frames-from, "
+                         f"which would replace it; give another --data")
+    rows = usable_videos(read_manifest(manifest))
+    if not rows:
+        raise ValueError(f"{manifest} has no usable video")
+    num_classes = 1 + max(max(row["action_class"], default=-1) for row in rows)
+    if not num_classes:
+        raise ValueError(f"the videos of {manifest} have no annotated action: no frame has a class")
+    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        partial.mkdir(parents=True)
+        for split in ("train", "val"):
+            for label in range(num_classes):
+                (partial / split / f"{label:03d}").mkdir(parents=True)
+        for row in tqdm(rows, desc="frames", unit="video"):
+            split = "train" if row["subset"] == TRAIN_SUBSET else "val"
+            first = 0
+            for chunk in iter_frame_chunks(row["path"], fps, size):
+                labels = build_labels(chunk.times_s, row["action_class"], row["action_start_s"], row["action_end_s"],
+                                      num_classes)
+                for index, (frame, positive) in enumerate(zip(chunk.frames, labels), start=first):
+                    for label in np.flatnonzero(positive):
+                        Image.fromarray(frame).save(partial / split / f"{label:03d}" / f"{row['video_id']}_{index:06d}.jpg",
+                                                    quality=95)
+                first += len(chunk.frames)
+        (partial / FRAMES_STAMP).write_text(json.dumps(settings))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def data_identity(data: Path) -> str:
@@ -270,7 +334,13 @@ def train_vim(args) -> dict[str, Any]:
     def log(message: str) -> None:
         print(f"train-vim: {message}", file=sys.stderr, flush=True)
 
-    data, out = Path(args.data), Path(args.out)
+    out = Path(args.out)
+    data = Path(args.data) if args.data else out / "frames"
+    if args.frames_from:
+        # Stored above the training resolution, like ImageNet's images: the transforms crop them.
+        write_frame_folder(Path(args.frames_from), data, args.frames_fps, round(args.img_size / 0.875))
+    elif not args.data:
+        raise ValueError("give the images with --data DIR, or a dataset's manifest with --frames-from")
     device = resolve_device(args.device, "--device")
     for key, value in RECIPES["finer" if args.finer_granularity else "train"].items():
         if getattr(args, key) is None:
@@ -418,7 +488,11 @@ def _key_value(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms-temba train-vim", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", required=True, help="ImageFolder tree: DIR/train/<class>/, DIR/val/<class>/ or DIR/<class>/")
+    parser.add_argument("--data", default=None, help="ImageFolder tree: DIR/train/<class>/, DIR/val/<class>/ or "
+                                                      "DIR/<class>/ (with --frames-from: where the frames go)")
+    parser.add_argument("--frames-from", default=None, metavar="MANIFEST",
+                        help="train on frames of a dataset's videos: its manifest.parquet (the manifest stage's)")
+    parser.add_argument("--frames-fps", type=float, default=1.0, help="--frames-from: frames per second of video")
     parser.add_argument("--out", required=True, help="folder for model.pt, last.pt, metrics.json, train_log.csv")
     parser.add_argument("--model", default=None, help="a Vim of ms_temba.create_model (default: vim_tiny, or "
                                                        "the --init checkpoint's)")
