@@ -166,10 +166,14 @@ def test_finer_granularity_fine_tunes_at_half_the_stride(images, tmp_path):
     torch.testing.assert_close(new[24], old[8])
     torch.testing.assert_close(torch.cat([new[:24], new[25:]]), expected)
 
-    # And it trains at that stride (Vim's fine-tuning recipe unless told otherwise).
-    train(images, tmp_path / "tuned", "--finer-granularity", "--init", str(coarse / "model.pt"), "--img-size", "32",
-          "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--workers", "0")
-    assert torch.load(tmp_path / "tuned" / "model.pt", weights_only=True)["model"]["pos_embed"].shape == (1, 50, 32)
+    # In one command: train, then fine-tune the result at stride 4 (Vim's fine-tuning recipe) into OUT/finer.
+    both = tmp_path / "both"
+    train(images, both, *TINY, *FAST, "--epochs", "1", "--workers", "0", "--finer-epochs", "1")
+    assert torch.load(both / "model.pt", weights_only=True)["vim_config"]["stride"] == 8
+    finer = torch.load(both / "finer" / "model.pt", weights_only=True)
+    assert finer["vim_variant"] == "vim_tiny_stride8" and finer["vim_config"]["stride"] == 4
+    assert finer["model"]["pos_embed"].shape == (1, 50, 32)
+    assert [float(row["lr"]) for row in log_rows(both / "finer")] == [1e-5]  # the fine-tuning warmup's start
 
 
 def test_a_flat_class_folder_holds_out_a_fraction(tmp_path):

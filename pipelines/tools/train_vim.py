@@ -2,6 +2,7 @@
 
     ms-temba train-vim --data DIR --out OUT [--model vim_tiny] [--epochs 300] [--img-size 224] ...
     ms-temba train-vim --data DIR --out OUT8 --finer-granularity --init OUT/model.pt    # stride 8
+    ms-temba train-vim --data DIR --out OUT --finer-epochs 30        # both: OUT/model.pt, OUT/finer/model.pt
     ms-temba train-vim --frames-from data/synthetic/manifest.parquet --out OUT          # video frames
 
 Data: DIR in the ImageFolder layout, one sub-folder of images per class: DIR/train/<class>/ and
@@ -25,6 +26,8 @@ lr 5e-6, weight decay 1e-8, no drop path): `RECIPES`.
 form of its variant: overlapping 16 x 16 patches at stride 8, 4x the tokens), its position
 embedding resampled to the finer grid (`ms_temba.vim.resize_pos_embed`). --init alone fine-tunes
 at the same stride (or another --img-size). A head of another class count is left out and starts fresh.
+--finer-epochs N does both in one command: train, then fine-tune the result at the finer granularity
+for N epochs into OUT/finer (Vim's fine-tuning recipe; the recipe options given are the first run's).
 
 Resumable: after every epoch OUT/last.pt (model, EMA, optimizer, history) is written atomically; a
 rerun with the same settings and data resumes after the last finished epoch and ends with the same
@@ -502,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", default=None, help="start from this checkpoint (official .pth or a train-vim model.pt)")
     parser.add_argument("--finer-granularity", action="store_true",
                         help="fine-tune the --init Vim at half its patch stride (the _stride8 variant)")
+    parser.add_argument("--finer-epochs", type=int, default=0,
+                        help="then fine-tune the trained Vim at half its stride for this many epochs, into OUT/finer")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="held out for validation when DATA has no train/ and val/ folders")
     recipe = parser.add_argument_group("recipe (unset: Vim's, RECIPES; its fine-tuning one with --finer-granularity)")
@@ -528,11 +533,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def finer_stage(args, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments of --finer-epochs' second run: the trained OUT/model.pt fine-tuned at half its
+    stride into OUT/finer, on the same images, with Vim's fine-tuning recipe (the recipe options
+    given on the command line are the first run's)."""
+    finer = build_parser().parse_args(argv)
+    for key in RECIPES["finer"]:
+        setattr(finer, key, None)
+    out = Path(args.out)
+    vars(finer).update(finer_granularity=True, init=str(out / MODEL_FILE), out=str(out / "finer"),
+                       epochs=args.finer_epochs, model=None, model_args={}, frames_from=None,
+                       data=args.data or str(out / "frames"))
+    return finer
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.model_args = dict(args.model_args)
     try:
+        if args.finer_epochs and args.finer_granularity:
+            raise ValueError("--finer-epochs adds a --finer-granularity run after this one: give one of them")
         train_vim(args)
+        if args.finer_epochs:
+            train_vim(finer_stage(args, argv))
     except (FileNotFoundError, ValueError) as error:  # ConfigFieldError and CheckpointError are ValueErrors
         print(f"ms-temba train-vim: error: {error}", file=sys.stderr)
         return 2
