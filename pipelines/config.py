@@ -52,6 +52,7 @@ TIME_UNITS = ("seconds", "frames")
 FEATURE_SOURCES = ("videos", "npy")
 SCHEDULES = ("warmup_cosine", "constant")
 SEGMENT_RULES = ("hysteresis", "sweep")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,21 @@ class TrainParams:
     # Start every class head's bias at the log-odds of the class's share of training frames
     # (ms_temba.init_class_prior); false = the model's own initialisation (zero biases), as released.
     class_prior_init: bool = False
+    # Forward pass and loss under torch.autocast in this dtype (fp16 with a gradient scaler); the
+    # weights, the optimizer and the SSM scan's recurrence stay fp32. fp32 = no autocast.
+    precision: str = "fp32"
+    # DataLoader worker processes that collate the next batches while the model trains on this one
+    # (same batches, same order); 0 = collate in the training loop.
+    num_workers: int = 0
+    # One process per GPU (or CPU process group) under torchrun, DistributedDataParallel; each rank
+    # trains on its part of every batch of batch_size (README, "Training on GPUs").
+    distributed: bool = False
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "num_clips", "num_threads"):
             _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        _require(self.num_workers >= 0, "train.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require_choice("train.precision", self.precision, PRECISIONS)
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         for key in ("weight_decay", "beta", "alpha"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")

@@ -3,13 +3,19 @@
 A `Sequence` is one video: its features from the shards and labels built at the features' centre
 times from the manifest's clean actions (pipelines.labels). Batches pad sequences at the end and
 carry a mask (True = real feature), as MS-Temba expects.
+
+An epoch's batches depend only on (seed, epoch): `training_batches` makes them in the calling
+process, `TrainingBatches` is the same stream as a DataLoader dataset, read ahead by worker
+processes. Under distributed training every rank draws the same global batches and keeps its own
+part of each (`rank::world_size`); `Batch.share` says how much of the global batch's real frames
+that part holds, which is how the loss is weighted to equal the loss of the global batch.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +38,10 @@ class Batch:
     features: torch.Tensor  # (B, T, D)
     labels: torch.Tensor  # (B, T, classes)
     mask: torch.Tensor  # (B, T) bool
+    share: float = 1.0  # this batch's part of the real frames of its global batch (1 in one process)
+
+    def pin_memory(self) -> "Batch":  # the DataLoader's pin_memory=True calls this
+        return Batch(self.features.pin_memory(), self.labels.pin_memory(), self.mask.pin_memory(), self.share)
 
 
 def load_sequences(rows: list[dict], store, num_classes: int) -> list[Sequence]:
@@ -75,7 +85,7 @@ def split_train_val(video_ids: list[str], val_fraction: float, seed: int) -> tup
     return sorted(ranked[num_val:]), sorted(ranked[:num_val])
 
 
-def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
+def collate(items: list[tuple[np.ndarray, np.ndarray]], share: float = 1.0) -> Batch:
     """Pad (features, labels) pairs at the end to the longest one."""
     length = max(len(features) for features, _ in items)
     dim, num_classes = items[0][0].shape[1], items[0][1].shape[1]
@@ -86,15 +96,16 @@ def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> Batch:
         features[i, :len(f)] = torch.tensor(f)
         labels[i, :len(y)] = torch.tensor(y)
         mask[i, :len(f)] = True
-    return Batch(features, labels, mask)
+    return Batch(features, labels, mask, share)
 
 
-def training_batches(sequences: list[Sequence], batch_size: int, crop_length: int, seed: int,
-                     epoch: int) -> Iterator[Batch]:
-    """One epoch: sequences shuffled, each cropped to a random window of at most crop_length.
+def epoch_crops(sequences: list[Sequence], batch_size: int, crop_length: int, seed: int,
+                epoch: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """One epoch's global batches as lists of (features, labels) crops (views, nothing copied):
+    sequences shuffled, each cropped to a random window of at most crop_length.
 
     The order and the crops depend only on (seed, epoch), so a resumed run sees exactly the batches
-    an uninterrupted run would have seen.
+    an uninterrupted run would have seen, and every rank of a distributed run the same ones.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(sequences))
@@ -104,7 +115,48 @@ def training_batches(sequences: list[Sequence], batch_size: int, crop_length: in
             sequence = sequences[index]
             offset = int(rng.integers(0, max(1, len(sequence.features) - crop_length + 1)))
             items.append((sequence.features[offset:offset + crop_length], sequence.labels[offset:offset + crop_length]))
-        yield collate(items)
+        yield items
+
+
+def rank_batch(items: list[tuple[np.ndarray, np.ndarray]], rank: int = 0, world_size: int = 1) -> Batch:
+    """Rank `rank`'s part of a global batch: items rank, rank + world_size, ..., with its share of
+    the real frames. A rank left without an item (a last batch smaller than world_size) gets one
+    zero frame with share 0: it must still run forward and backward for the gradient all-reduce,
+    and contributes nothing to it."""
+    mine = items[rank::world_size]
+    if not mine:
+        features, labels = items[0]
+        return collate([(np.zeros_like(features[:1]), np.zeros_like(labels[:1]))], share=0.0)
+    return collate(mine, share=sum(len(f) for f, _ in mine) / sum(len(f) for f, _ in items))
+
+
+def training_batches(sequences: list[Sequence], batch_size: int, crop_length: int, seed: int, epoch: int,
+                     rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """One epoch's batches (epoch_crops), collated in this process; with world_size > 1, rank's part of each."""
+    for items in epoch_crops(sequences, batch_size, crop_length, seed, epoch):
+        yield rank_batch(items, rank, world_size)
+
+
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """The batches of `epochs` in order, exactly those of training_batches, for a DataLoader that
+    reads ahead (batch_size=None). With n workers, worker w collates global steps w, w + n, ...
+    (each one walks the whole cheap crop stream, so the random draws stay those of one process) and
+    the DataLoader takes the workers' batches in turn, which restores the order."""
+
+    def __init__(self, sequences: list[Sequence], batch_size: int, crop_length: int, seed: int, epochs: Iterable[int],
+                 rank: int = 0, world_size: int = 1):
+        self.sequences, self.batch_size, self.crop_length, self.seed = sequences, batch_size, crop_length, seed
+        self.epochs, self.rank, self.world_size = list(epochs), rank, world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker = torch.utils.data.get_worker_info()
+        index, count = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        step = 0
+        for epoch in self.epochs:
+            for items in epoch_crops(self.sequences, self.batch_size, self.crop_length, self.seed, epoch):
+                if step % count == index:
+                    yield rank_batch(items, self.rank, self.world_size)
+                step += 1
 
 
 def num_batches(num_sequences: int, batch_size: int) -> int:

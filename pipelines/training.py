@@ -1,7 +1,7 @@
 """Training (the train stage, pipelines.stages.train): MS-Temba on the training subset, the best
 epoch selected on a held-out part.
 
-    train(params, manifest_path, shards_dir, checkpoint_dir, out_path, log_path) -> ModelBundle
+    train(params, manifest_path, shards_dir, checkpoint_dir, out_path, log_path) -> ModelBundle (None on ranks > 0)
 
 The recipe is the release's: AdamW (lr 5e-4, weight decay 0.01), a per-step schedule that rises
 linearly for `warmup_epochs` and then follows a cosine to 0, the MS-Temba loss (BCE + beta *
@@ -21,6 +21,16 @@ annotations or features under the same ids are not resumed from a model of the o
 model's parameter layout (names and shapes of its state dict: `parameter_layout`, so a checkpoint
 written before the layout changed is ignored instead of failing to load). The log names the parts
 that differ.
+
+Throughput (docs/pipeline.md, "Precision, read-ahead and several GPUs"):
+  * `train.precision`: bf16 or fp16 runs the forward pass and the loss under torch.autocast (fp16
+    with a GradScaler); weights and optimizer stay fp32, and the scan's recurrence is fp32 (ms_temba.ops).
+  * `train.num_workers`: DataLoader workers collate the next batches while this one trains
+    (pipelines.data.TrainingBatches: the same batches in the same order as in the loop).
+  * `train.distributed`: under torchrun, one process per GPU (nccl) or per CPU process group (gloo),
+    DistributedDataParallel. Every rank draws the same global batch of batch_size and trains on its
+    part; only rank 0 validates and writes checkpoints, logs and the model. The weights equal those
+    of one process with the whole batch, within float tolerance (see `distributed_weight`).
 """
 from __future__ import annotations
 
@@ -28,10 +38,13 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
+import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +54,16 @@ from tqdm import tqdm
 from extractors.device import resolve_device
 from extractors.files import atomic_path
 from pipelines.bundle import ModelBundle, save_bundle
-from pipelines.config import PipelineParams
-from pipelines.data import (Sequence, feature_statistics, load_sequences, num_batches, split_train_val, standardized,
-                            training_batches)
+from pipelines.config import ConfigError, PipelineParams
+from pipelines.data import (Sequence, TrainingBatches, feature_statistics, load_sequences, num_batches,
+                            split_train_val, standardized)
 from pipelines.inference import video_probabilities
 from pipelines.io import remove_stale_temporaries_of, setup_logging, write_text
 from pipelines.manifest import read_manifest, usable_videos
 
 CHECKPOINT_FILE = "last.pt"
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREFETCH_FACTOR = 2  # batches each DataLoader worker keeps ready
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_bce", "val_map", "seconds")
 
 
@@ -118,7 +133,9 @@ def validation_map(model, sequences: list[Sequence], num_classes: int, device: t
 # Settings that say how a run executes, not what it computes: a checkpoint resumes across them (a run
 # started on one machine may go on on another, with another thread count). The package version is
 # provenance, like everywhere else (extractors.shards).
-RUNTIME_ONLY_KEYS = frozenset({"train.device", "train.num_threads", "features.package_version"})
+# train.num_workers changes nothing in the batches; train.distributed only the order of float sums.
+RUNTIME_ONLY_KEYS = frozenset({"train.device", "train.num_threads", "train.num_workers", "train.distributed",
+                               "features.package_version"})
 
 
 def _flatten(value, prefix: str = "") -> dict:
@@ -195,8 +212,55 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a distributed run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # the GPU of this process on its node
+
+    @property
+    def writer(self) -> bool:
+        """Only rank 0 validates and writes files."""
+        return self.rank == 0
+
+
+def start_distributed(distributed: bool, device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun set up (its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+    environment): nccl between GPUs, gloo between CPU processes. Returns the ranks and this
+    process's device (cuda:LOCAL_RANK on GPUs)."""
+    if not distributed:
+        return Ranks(), device
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError("train.distributed", "is true but this process was not started by torchrun (no WORLD_SIZE "
+                                               "in its environment): run `torchrun --nproc_per_node N -m "
+                                               "pipelines.stages.train ...` (README, Training on GPUs), or set "
+                                               "train.distributed=false")
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks, device
+
+
+def distributed_weight(share: float, world_size: int) -> float:
+    """The factor on a rank's loss that makes DistributedDataParallel's gradient that of the global
+    batch's loss. The BCE terms are a sum over real frames divided by the batch's real frames, so
+    the global loss is the sum over ranks of share_r * loss_r (share_r: rank r's part of the global
+    batch's real frames, Batch.share), not the mean of the ranks' losses, which would give a rank
+    with fewer frames the same weight. DDP averages the ranks' gradients (divides their sum by
+    world_size), hence share * world_size. Exact for every frame-normalised term (bce, block_bce,
+    MS-TCN's stage BCE); terms averaged over samples (MS-Temba's consistency) or over other counts
+    (MS-TCT's focal loss, MS-TCN's smoothing) are weighted by frames too, which equals the global
+    batch's value when the ranks' parts have the same frames per sample (full-length crops)."""
+    return share * world_size
+
+
 def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | Path, checkpoint_dir: str | Path,
-          out_path: str | Path, log_path: str | Path, log=None) -> ModelBundle:
+          out_path: str | Path, log_path: str | Path, log=None) -> ModelBundle | None:
     import ms_temba
     from ms_temba.losses import model_loss
     from extractors.shards import FeatureStore
@@ -204,7 +268,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     log = log or setup_logging("train")
     dataset, recipe = params.dataset, params.train
     torch.set_num_threads(recipe.num_threads)
-    device = resolve_device(recipe.device, "train.device")
+    ranks, device = start_distributed(recipe.distributed, resolve_device(recipe.device, "train.device"))
 
     names = class_names(dataset.class_names, dataset.num_classes)
     store = FeatureStore(shards_dir)
@@ -218,8 +282,9 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     if recipe.normalize_features:  # statistics of the training part only
         feature_mean, feature_std = feature_statistics(train_set)
         train_set, val_set = (standardized(part, feature_mean, feature_std) for part in (train_set, val_set))
-    log.info("%d training videos, %d held out for validation, %d-d features, device %s",
-             len(train_set), len(val_set), store.dim, device)
+    log.info("%d training videos, %d held out for validation, %d-d features, device %s, precision %s%s",
+             len(train_set), len(val_set), store.dim, device, recipe.precision,
+             f", rank {ranks.rank} of {ranks.world_size}" if recipe.distributed else "")
 
     seed_everything(recipe.seed)
     model = ms_temba.create_model(params.model.name, in_dim=store.dim, num_classes=dataset.num_classes,
@@ -228,7 +293,13 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         prior = np.concatenate([s.labels for s in train_set]).mean(axis=0)
         ms_temba.init_class_prior(model.class_heads(), torch.from_numpy(prior))
     model = model.to(device)
+    if ranks.world_size > 1:  # the same initial weights on every rank (above), then each rank its own dropout
+        torch.manual_seed(recipe.seed + ranks.rank)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
+    autocast_dtype = AUTOCAST_DTYPES[recipe.precision]
+    # fp16's small range underflows small gradients: the scaler multiplies the loss and divides the
+    # gradients back (skipping a step that overflowed). bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
     steps_per_epoch = num_batches(len(train_set), recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch,
@@ -236,7 +307,8 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
 
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-    remove_stale_temporaries_of(checkpoint_path, out_path, log_path)  # a run killed inside a write left them
+    if ranks.writer:
+        remove_stale_temporaries_of(checkpoint_path, out_path, log_path)  # a run killed inside a write left them
     run_id = fingerprint(params, store.metadata, train_ids, val_ids, data, parameter_layout(model))
     start_epoch, history, best = 1, [], {"epoch": 0, "val_map": -math.inf, "state_dict": None}
     if checkpoint_path.exists():
@@ -245,35 +317,64 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            restore_rng_states(checkpoint["rng"])
+            scaler.load_state_dict(checkpoint.get("scaler", {}))
+            rank_rng = checkpoint.get("rank_rng") or []  # each rank's own, if it ran on as many
+            restore_rng_states(rank_rng[ranks.rank] if len(rank_rng) == ranks.world_size else checkpoint["rng"])
             start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
             log.info("resuming after epoch %d from %s", checkpoint["epoch"], checkpoint_path)
         else:
             log.info("ignoring %s: it belongs to another configuration (differing: %s)", checkpoint_path,
                      fingerprint_difference(checkpoint["fingerprint"], run_id))
 
+    trained = model  # what the training steps call: the model, or DDP around it
+    if ranks.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    # One DataLoader over all the epochs left: its workers read ahead across epoch ends (and during
+    # validation) and live until training ends. Its own generator: creating it must not draw from
+    # the global torch RNG, whose state the checkpoint carries (dropout).
+    loader = torch.utils.data.DataLoader(
+        TrainingBatches(train_set, recipe.batch_size, recipe.num_clips, recipe.seed,
+                        range(start_epoch, recipe.epochs + 1), ranks.rank, ranks.world_size),
+        batch_size=None, num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH_FACTOR if recipe.num_workers else None,
+        generator=torch.Generator().manual_seed(recipe.seed))
+    batches = iter(loader)
     for epoch in range(start_epoch, recipe.epochs + 1):
         started = time.perf_counter()
         model.train()
-        totals: dict[str, float] = {}  # every term of the model's loss, summed over the epoch
+        totals: dict[str, float] = {}  # every term of the global batches' loss, summed over the epoch
         grad_totals: dict[str, float] = {}
-        batches = training_batches(train_set, recipe.batch_size, recipe.num_clips, recipe.seed, epoch)
-        for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch",
-                          leave=False):
-            output = model(batch.features.to(device), batch.mask.to(device))
-            losses = model_loss(output, batch.labels.to(device), batch.mask.to(device),
-                                beta=recipe.beta, alpha=recipe.alpha)
+        for batch in tqdm(itertools.islice(batches, steps_per_epoch), total=steps_per_epoch,
+                          desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", leave=False, disable=not ranks.writer):
+            mask = batch.mask.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = trained(batch.features.to(device, non_blocking=True), mask)
+                losses = model_loss(output, batch.labels.to(device, non_blocking=True), mask,
+                                    beta=recipe.beta, alpha=recipe.alpha)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            weight = distributed_weight(batch.share, ranks.world_size)  # 1 in one process
+            scaler.scale(losses["loss"] * weight).backward()
+            scaler.unscale_(optimizer)  # the true gradients for the norms and the clipping
             for part, norm in gradient_norms(model).items():  # before clipping: what the loss asks for
                 grad_totals[part] = grad_totals.get(part, 0.0) + norm
             if recipe.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            for term, value in losses.items():
-                totals[term] = totals.get(term, 0.0) + value.item()
+            # The global batch's terms: the ranks' terms weighted by their shares.
+            values = torch.stack([value.detach().float() for value in losses.values()]) * batch.share
+            if ranks.world_size > 1:
+                torch.distributed.all_reduce(values)
+            for term, value in zip(losses, values.tolist()):
+                totals[term] = totals.get(term, 0.0) + value
 
+        if ranks.world_size > 1:
+            rank_rng = [None] * ranks.world_size
+            torch.distributed.all_gather_object(rank_rng, rng_states())
+        if not ranks.writer:
+            continue
         val_map = validation_map(model, val_set, dataset.num_classes, device)
         history.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": totals["loss"] / steps_per_epoch, "train_bce": totals["bce"] / steps_per_epoch,
@@ -290,9 +391,14 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         with atomic_path(checkpoint_path) as temporary:
             torch.save({"fingerprint": run_id, "epoch": epoch, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_states(), "history": history, "best": best}, temporary)
+                        "scaler": scaler.state_dict(), "rng": rng_states(), "history": history, "best": best,
+                        **({"rank_rng": rank_rng} if ranks.world_size > 1 else {})}, temporary)
         write_log(Path(log_path), history)
 
+    if recipe.distributed:
+        torch.distributed.destroy_process_group()
+    if not ranks.writer:
+        return None
     if best["state_dict"] is None:  # validation mAP was NaN throughout: keep the last epoch
         best = {"epoch": recipe.epochs, "val_map": float("nan"), "state_dict": model.state_dict()}
     write_log(Path(log_path), history)

@@ -3,7 +3,10 @@
     python -m pipelines.stages.train --manifest data/<dataset>/manifest.parquet --shards data/<dataset>/shards \
         --checkpoints models/checkpoints --out models/model.pt --log reports/train_log.csv
 
-The recipe, model selection, reproducibility and resuming are pipelines.training's (train).
+    torchrun --nproc_per_node N -m pipelines.stages.train ... --train-log reports/train_log.csv   # train.distributed: true
+
+The recipe, model selection, reproducibility, resuming and distributed training are
+pipelines.training's (train).
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shards", required=True)
     parser.add_argument("--checkpoints", required=True, help="directory of the resumable checkpoint")
     parser.add_argument("--out", required=True, help="the selected model (models/model.pt)")
-    parser.add_argument("--log", required=True, help="per-epoch CSV (reports/train_log.csv)")
+    # --train-log: torchrun's own parser reads the script's arguments too and rejects --log as an
+    # abbreviation of its --log-dir / --log-line-prefix-template options.
+    parser.add_argument("--log", "--train-log", dest="log", required=True, help="per-epoch CSV (reports/train_log.csv)")
 
 
 def run(params, args, log) -> None:
