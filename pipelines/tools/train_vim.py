@@ -63,7 +63,6 @@ CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, LOG_FILE, PLOT_FILE = (
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "seconds")
 FRAMES_STAMP = "frames.json"  # what a --frames-from folder was written from
 TRAIN_SUBSET = "training"  # the manifest subset --frames-from trains on (pipelines.config's default)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 # Vim's (DeiT's) settings: training from scratch (scripts/pt-vim-*.sh with DeiT's defaults) and
 # fine-tuning at the finer granularity (scripts/ft-vim-*.sh). Options left unset take these.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -103,7 +102,7 @@ def image_folders(data: Path, val_fraction: float, train_transform, val_transfor
     every = max(2, round(1 / val_fraction))
     rank_in_class: dict[int, int] = {}
     held_out = []
-    for index, (_, label) in enumerate(train.samples):  # sorted by class, then by file name
+    for _, label in train.samples:  # sorted by class, then by file name
         rank_in_class[label] = rank_in_class.get(label, -1) + 1
         held_out.append(rank_in_class[label] % every == every - 1)
     train_indices = [i for i, out in enumerate(held_out) if not out]
@@ -129,6 +128,8 @@ def write_frame_folder(manifest: Path, folder: Path, fps: float, size: int) -> N
     from pipelines.labels import build_labels
     from pipelines.manifest import read_manifest, usable_videos
 
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # what a killed run was writing
+        shutil.rmtree(stale, ignore_errors=True)
     settings = {"manifest_sha256": file_sha256(manifest), "fps": fps, "size": size}
     stamp = folder / FRAMES_STAMP
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
@@ -169,8 +170,10 @@ def write_frame_folder(manifest: Path, folder: Path, fps: float, size: int) -> N
 
 def data_identity(data: Path) -> str:
     """A digest of the image files under `data` (relative paths and sizes): a changed data set is not resumed."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder reads
+
     files = sorted((str(path.relative_to(data)), path.stat().st_size) for path in data.rglob("*")
-                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+                   if path.suffix.lower() in IMG_EXTENSIONS and path.is_file())
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
