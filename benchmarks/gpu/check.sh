@@ -78,11 +78,14 @@ build() {  # package sdist-glob max-jobs: unpack, patch, build a wheel; the log 
     sdist=$(ls "$DEPS"/$2 2>/dev/null | head -1)
     [ -n "$sdist" ] || { echo "no $2 in $DEPS: run benchmarks/gpu/fetch_deps.sh first"; return 2; }
     dir="$WORK/src/$(basename "$sdist" .tar.gz)"
-    rm -rf "$dir" && tar xzf "$sdist" -C "$WORK/src" && "$PY" "$REPO/benchmarks/gpu/patch_sources.py" "$dir" || return 2
+    rm -rf "$dir" && tar xzf "$sdist" -C "$WORK/src" && "$PY" "$REPO/benchmarks/gpu/patch_sources.py" $CXX_STD "$dir" || return 2
     cd "$dir" && MAX_JOBS=$3 MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
         "$PY" -m pip wheel -v --no-deps --no-build-isolation --no-index -w "$WORK/wheels" .
 }
-export WORK REPO DEPS PY
+# torch >= 2.14's headers require C++20, and mamba-ssm's setup.py pins C++17 (patch_sources.py).
+CXX_STD=$("$PY" -c 'import pathlib, torch.utils.cpp_extension as c
+print("--cxx-std 20" if "C++20 or later" in (pathlib.Path(c.include_paths()[0]) / "ATen" / "ATen.h").read_text() else "")' 2>/dev/null)
+export WORK REPO DEPS PY CXX_STD
 BUILD_START=$(date +%s)
 # 4 compile units in causal-conv1d and 11 in mamba-ssm: all of them at once on a 16-core machine
 # (CHECK_MAX_JOBS caps both, for a smaller machine).

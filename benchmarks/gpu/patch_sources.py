@@ -1,9 +1,9 @@
 """Patch unpacked mamba-ssm and causal-conv1d sources so that they build for one GPU in minutes.
 
-    python benchmarks/gpu/patch_sources.py SOURCE_DIR [SOURCE_DIR ...]
+    python benchmarks/gpu/patch_sources.py [--cxx-std 20] SOURCE_DIR [SOURCE_DIR ...]
 
 Two changes, each checked to have applied (a new release that moved the code fails here, loudly,
-rather than building for an hour):
+rather than building for an hour), and one on request:
 
 * setup.py (both packages) appends `-gencode` flags for nine architectures (sm_75 to sm_121 with
   CUDA 13) to every nvcc command, whatever TORCH_CUDA_ARCH_LIST says, and neither package has a
@@ -14,6 +14,10 @@ rather than building for an hour):
   need packages the check does not carry (tilelang, quack-kernels, transformers' generation API);
   any `import mamba_ssm.ops...` runs it first. Those imports are made optional. The selective scan
   interface, which ms_temba uses, is imported as before.
+* --cxx-std 20: mamba-ssm's setup.py pins `-std=c++17`, and torch >= 2.14's headers require C++20
+  (`#error C++20 or later compatible compiler is required to use ATen`; state-spaces/mamba PR
+  #1000 proposes the same bump upstream). check.sh asks for it when the installed torch's ATen.h
+  says so; torch 2.11, on the GPU machine today, builds with the pinned C++17.
 
 Standard library only: it runs on the GPU machine before anything is installed.
 """
@@ -41,6 +45,14 @@ def patch_setup(setup_py: Path) -> int:
     return count
 
 
+def patch_cxx_standard(setup_py: Path, standard: str) -> int:
+    """Replace pinned -std=c++17 flags by -std=c++<standard>; returns how many."""
+    text = setup_py.read_text()
+    count = text.count('"-std=c++17"')
+    setup_py.write_text(text.replace('"-std=c++17"', f'"-std=c++{standard}"'))
+    return count
+
+
 def patch_mamba_init(init_py: Path) -> int:
     """Make the imports of the modules ms_temba does not use optional; returns how many."""
     text = init_py.read_text()
@@ -53,14 +65,19 @@ def patch_mamba_init(init_py: Path) -> int:
     return count
 
 
-def main(directories: list[str]) -> None:
-    if not directories:
+def main(arguments: list[str]) -> None:
+    standard = None
+    if arguments[:1] == ["--cxx-std"]:
+        standard, arguments = arguments[1], arguments[2:]
+    if not arguments:
         raise SystemExit(__doc__.strip().splitlines()[2])
-    for directory in map(Path, directories):
+    for directory in map(Path, arguments):
         setup_py = directory / "setup.py"
         if not setup_py.is_file():
             raise SystemExit(f"patch_sources: {setup_py} does not exist")
         print(f"{setup_py}: {patch_setup(setup_py)} -gencode lines removed")
+        if standard:
+            print(f"{setup_py}: {patch_cxx_standard(setup_py, standard)} -std=c++17 flags made c++{standard}")
         init_py = directory / "mamba_ssm" / "__init__.py"
         if init_py.is_file():
             print(f"{init_py}: {patch_mamba_init(init_py)} imports made optional")
