@@ -32,7 +32,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import ms_temba

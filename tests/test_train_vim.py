@@ -197,7 +197,7 @@ def test_bad_input_is_a_clear_error(images, tmp_path, capsys):
                      *options]) == 2
         return capsys.readouterr().err.strip().splitlines()[-1]
 
-    assert "--finer-granularity fine-tunes a trained Vim: give its checkpoint with --init" in fails("--finer-granularity")
+    assert "fine-tunes a trained Vim: give its checkpoint with --init" in fails("--finer-granularity")
     assert "larger than the 48 training images" in fails(*TINY, "--batch-size", "64")
     assert "must be even" in fails(*TINY, "--batch-size", "7")
     assert "is not a Vim model" in fails("--model", "ms_temba_tiny", "--batch-size", "8")

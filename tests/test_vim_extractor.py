@@ -254,7 +254,8 @@ def test_extractor_vim_through_the_ray_fan_out(tmp_path):
         metadata = store.metadata
         assert (metadata["backbone"], metadata["model_name"], metadata["variant"], metadata["token"]) == (
             "vim", "vim_tiny", "vim_tiny", "mean")
-        assert (metadata["patch_size"], metadata["patch_stride"], metadata["dim"], metadata["window"]) == (16, 16, 192, 4)
+        assert (metadata["patch_size"], metadata["patch_stride"], metadata["dim"], metadata["window"]) == (
+            16, 16, 192, 4)
         assert metadata["checkpoint_sha256"] == "random" and metadata["feature_hop_s"] == pytest.approx(0.5)
 
         # Resumable: a rerun finds both videos done; a lost shard is rebuilt with the same numbers.

@@ -1,4 +1,4 @@
-"""`ms-temba train-vim`: train or fine-tune a Vision Mamba (`ms_temba.vim`) on a folder of images, with Vim's recipe.
+"""`ms-temba train-vim`: train or fine-tune a Vision Mamba (`ms_temba.vim`) on images, with Vim's recipe.
 
     ms-temba train-vim --data DIR --out OUT [--model vim_tiny] [--epochs 300] [--img-size 224] ...
     ms-temba train-vim --data DIR --out OUT8 --finer-granularity --init OUT/model.pt    # stride 8
@@ -15,11 +15,11 @@ other videos' under val/.
 
 Recipe: Vim's, which is DeiT's, all from timm: training images through `create_transform`
 (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1 capped at magnitude 9: `AUTO_AUGMENT`,
-colour jitter 0.3, random erasing 0.25), `Mixup` (mixup 0.8, cutmix 1.0, label smoothing 0.1) and `SoftTargetCrossEntropy`
-(`LabelSmoothingCrossEntropy` without mixup), AdamW (`create_optimizer_v2`, no weight decay on
-biases, norms, pos_embed and cls_token) at lr * batch_size / 512, `CosineLRScheduler` (linear
-warmup, cosine to min_lr, stepped per epoch), drop path, optionally an EMA of the weights
-(`ModelEmaV3`). With --finer-granularity the defaults are Vim's fine-tuning ones (30 epochs,
+colour jitter 0.3, random erasing 0.25), `Mixup` (mixup 0.8, cutmix 1.0, label smoothing 0.1) and
+`SoftTargetCrossEntropy` (`LabelSmoothingCrossEntropy` without mixup), AdamW (`create_optimizer_v2`,
+no weight decay on biases, norms, pos_embed and cls_token) at lr * batch_size / 512,
+`CosineLRScheduler` (linear warmup, cosine to min_lr, stepped per epoch), drop path, optionally an
+EMA of the weights (`ModelEmaV3`). With --finer-granularity the defaults are Vim's fine-tuning ones (30 epochs,
 lr 5e-6, weight decay 1e-8, no drop path): `RECIPES`.
 
 --finer-granularity (with --init): fine-tune a trained Vim at half its patch stride (the `_stride8`
@@ -156,9 +156,9 @@ def write_frame_folder(manifest: Path, folder: Path, fps: float, size: int) -> N
                 labels = build_labels(chunk.times_s, row["action_class"], row["action_start_s"], row["action_end_s"],
                                       num_classes)
                 for index, (frame, positive) in enumerate(zip(chunk.frames, labels), start=first):
+                    name = f"{row['video_id']}_{index:06d}.jpg"
                     for label in np.flatnonzero(positive):
-                        Image.fromarray(frame).save(partial / split / f"{label:03d}" / f"{row['video_id']}_{index:06d}.jpg",
-                                                    quality=95)
+                        Image.fromarray(frame).save(partial / split / f"{label:03d}" / name, quality=95)
                 first += len(chunk.frames)
         (partial / FRAMES_STAMP).write_text(json.dumps(settings))
         if folder.exists():
@@ -244,7 +244,8 @@ def load_init(model, state: dict[str, torch.Tensor], init_config: dict | None, l
     for key in ("head.weight", "head.bias"):
         if key in own and (key not in state or state[key].shape != own[key].shape):
             if key in state:
-                log(f"--init: leaving out {key} {tuple(state[key].shape)}: this model has {model.config.num_classes} classes")
+                log(f"--init: leaving out {key} {tuple(state[key].shape)}: "
+                    f"this model has {model.config.num_classes} classes")
             state[key] = own[key]  # this model's fresh head
     load_state_dict_strict(model, state, "--init checkpoint")
 
@@ -381,10 +382,11 @@ def train_vim(args) -> dict[str, Any]:
 
     lr = args.lr * args.batch_size / 512  # Vim's (DeiT's) linear scaling rule
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=args.weight_decay, param_group_fn=(
-        lambda module: param_groups_weight_decay(module, args.weight_decay, no_weight_decay_list=no_weight_decay(module))))
+        lambda module: param_groups_weight_decay(module, args.weight_decay,
+                                                 no_weight_decay_list=no_weight_decay(module))))
     # t_initial >= 1: timm refuses 0, and --epochs 0 (write the initial model) never steps it.
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(args.epochs, 1), lr_min=args.min_lr, warmup_t=args.warmup_epochs,
-                                  warmup_lr_init=args.warmup_lr)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(args.epochs, 1), lr_min=args.min_lr,
+                                  warmup_t=args.warmup_epochs, warmup_lr_init=args.warmup_lr)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=len(classes)) if mixup_active else None
     criterion = (SoftTargetCrossEntropy() if mixup_active else
@@ -505,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-args", nargs="*", default=[], type=_key_value, metavar="KEY=VALUE",
                         help="fields of the model's VimConfig, e.g. depth=12 embed_dim=256")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--init", default=None, help="start from this checkpoint (official .pth or a train-vim model.pt)")
+    parser.add_argument("--init", default=None,
+                        help="start from this checkpoint (an official .pth or a train-vim model.pt)")
     parser.add_argument("--finer-granularity", action="store_true",
                         help="fine-tune the --init Vim at half its patch stride (the _stride8 variant)")
     parser.add_argument("--finer-epochs", type=int, default=0,
