@@ -360,3 +360,53 @@ def test_the_fingerprint_holds_the_data_and_the_parameter_layout(prepared):
     old = fingerprint(params, {"dim": DIM}, ["v0", "v1", "v2"], ["w"])
     assert fingerprint_difference(old, reference) == ("data, data.train.features, data.train.labels, "
                                                       "data.val.features, data.val.labels, model_layout")
+
+
+def test_read_ahead_workers_give_the_batches_of_the_loop_in_order():
+    """train.num_workers: a DataLoader over TrainingBatches with 2 workers yields, epoch after epoch,
+    exactly the batches training_batches makes in the loop; creating it draws nothing from the
+    global torch RNG (whose state the checkpoints carry)."""
+    from pipelines.data import TrainingBatches
+
+    rng = np.random.default_rng(0)
+    sequences = [Sequence(f"v{i}", rng.standard_normal((n, 3)).astype(np.float32),
+                          (rng.random((n, 2)) > 0.5).astype(np.float32)) for i, n in enumerate([5, 12, 30, 2, 9, 17, 4])]
+    expected = [batch for epoch in (3, 4, 5) for batch in training_batches(sequences, 2, 8, seed=1, epoch=epoch)]
+    state = torch.get_rng_state()
+    loader = torch.utils.data.DataLoader(TrainingBatches(sequences, 2, 8, seed=1, epochs=range(3, 6)), batch_size=None,
+                                         num_workers=2, prefetch_factor=2, generator=torch.Generator().manual_seed(1))
+    batches = list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(batches) == len(expected) == 3 * 4
+    for got, want in zip(batches, expected):
+        for part in ("features", "labels", "mask"):
+            assert torch.equal(getattr(got, part), getattr(want, part))
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_read_ahead_workers_to_the_same_weights(prepared, uninterrupted, tmp_path):
+    """The kill-and-resume guarantee with train.num_workers=1 (worker processes in the killed
+    process group): the same weights, selected epoch and log as the in-loop uninterrupted run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("manifest.parquet", "shards"):
+        os.symlink(prepared / name, data / name)
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    params["train"]["num_workers"] = 1
+    (data / "params.yaml").write_text(yaml.safe_dump(params))
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(train_command(data, interrupted), cwd=PROJECT_ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the stage and its DataLoader worker
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    assert 1 <= killed_at < EPOCHS
+
+    output = run_training(data, interrupted)
+    assert f"resuming after epoch {killed_at}" in output
+    assert same_model(interrupted, uninterrupted)
+    assert log_without_timing(uninterrupted / "log.csv") == log_without_timing(interrupted / "log.csv")
