@@ -175,6 +175,15 @@ def test_finer_granularity_fine_tunes_at_half_the_stride(images, tmp_path):
     assert finer["model"]["pos_embed"].shape == (1, 50, 32)
     assert [float(row["lr"]) for row in log_rows(both / "finer")] == [1e-5]  # the fine-tuning warmup's start
 
+    # extractor=vim takes the fine-tuned model as trained: its recorded architecture, its weights, no head.
+    from extractors.config import ExtractorConfig
+    from extractors.vim import VimExtractor
+
+    extractor = VimExtractor(ExtractorConfig(backbone="vim", variant="vim_tiny_stride8", image_size=32, device="cpu",
+                                             weights=str(both / "finer" / "model.pt")))
+    assert (extractor.dim, extractor.metadata()["patch_stride"]) == (32, 4)
+    assert torch.equal(extractor.model.layers[1].mixer.in_proj.weight, finer["model"]["layers.1.mixer.in_proj.weight"])
+
 
 def test_a_flat_class_folder_holds_out_a_fraction(tmp_path):
     from pipelines.tools.train_vim import image_folders
