@@ -74,8 +74,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Vim's RandAugment (rand-m9-mstd0.5-inc1) with the magnitude capped at 9 instead of 10 ("mmax9"): at
 # 10, timm's increasing posterize keeps 0 bits, which Pillow >= 13 refuses (ValueError mid-epoch).
 AUTO_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
-# Settings that do not change the weights a run ends with: a run resumes across changes of these.
-RUNTIME_ONLY = ("out", "device", "workers")
+# Settings that do not change the weights a run ends with: a run resumes across changes of these
+# (finer_epochs concerns the run after it).
+RUNTIME_ONLY = ("out", "device", "workers", "finer_epochs")
 
 
 # ----------------------------------------------------------------------------------------------
