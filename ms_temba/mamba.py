@@ -154,12 +154,15 @@ class BiMamba(nn.Module):
         xz = xz.transpose(1, 2)
         if xz.is_cuda:
             xz = xz.contiguous()
+        # Split once for both directions: autograd then sums each half's gradients before
+        # assembling xz's, instead of assembling a full-size gradient per direction.
+        x, z = xz.chunk(2, dim=1)
 
         y_f, c_f = self._scan(
-            xz, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False
+            x, z, mask, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False
         )
         y_b, c_b = self._scan(
-            xz, mask, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+            x, z, mask, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
             reverse=True,
         )
         y = torch.add(y_f, y_b).div_(2)  # the average of the two directions
@@ -168,15 +171,15 @@ class BiMamba(nn.Module):
             return out
         return out, torch.cat([c_f, c_b], dim=-1)
 
-    def _scan(self, xz, mask, conv1d, x_proj, dt_proj, A_log, D, reverse):
+    def _scan(self, x, z, mask, conv1d, x_proj, dt_proj, A_log, D, reverse):
         """One direction: causal conv + selective scan over the sequence, from its last frame to
         its first if `reverse`. The reversed direction is what Vim computes on `xz.flip(-1)`,
         flipped back; the ops reverse inside instead, so no flipped copy of `xz` is kept for the
         backward, and the results come back in time order.
 
+        x, z: the halves of the in_proj output, (batch, d_inner, length).
         Returns y (batch, d_inner, length) gated by silu(z), and C (batch, length, d_state).
         """
-        x, z = xz.chunk(2, dim=1)
         u = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu",
                               reverse=reverse)
         if mask is not None:
