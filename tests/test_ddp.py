@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,10 @@ def test_a_killed_distributed_run_resumes_to_the_same_weights(data, two_processe
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+    # torchrun starts each rank in a session of its own: kill the ranks, then torchrun (a lost job).
+    for rank in psutil.Process(process.pid).children(recursive=True):
+        rank.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
     assert 1 <= killed_at < EPOCHS
