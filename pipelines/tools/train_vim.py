@@ -256,9 +256,11 @@ def load_init(model, state: dict[str, torch.Tensor], init_config: dict | None, l
 
 
 def no_weight_decay(model) -> set[str]:
-    """Names of the parameters Vim keeps out of weight decay (pos_embed, cls_token: ms_temba.vim
-    marks them `_no_weight_decay`); biases and norms timm leaves out by itself."""
-    return {name for name, parameter in model.named_parameters() if getattr(parameter, "_no_weight_decay", False)}
+    """Vim's no_weight_decay(): the model's own parameters marked `_no_weight_decay` (pos_embed,
+    cls_token); timm leaves biases and norms out by itself. The mixers' A_log and D carry the mark
+    too (mamba_simple's), but Vim's training, which reads only the model's list, decays A_log."""
+    return {name for name, parameter in model.named_parameters(recurse=False)
+            if getattr(parameter, "_no_weight_decay", False)}
 
 
 def run_fingerprint(settings: dict[str, Any]) -> str:
