@@ -11,7 +11,7 @@ keeps only the frames its current forward pass needs plus the overlap with the n
 (`FrameBuffer`), so an hour-long video never sits in memory whole. The backbones differ only in
 how they turn the stream into features: I3D snippets or fully-convolutional windows
 (`extractors.i3d`), CLIP per-frame embeddings averaged over windows (`extractors.clip`);
-`extractors.backbones` builds the one a config names.
+per-frame backbones share `extractors.frames`; `extractors.backbones` builds the one a config names.
 
 Also here: checkpoint files (read, strict load with a readable error; their sha256 is recorded for
 provenance). The device comes from `extractors.device`, the project's one resolver.

@@ -14,8 +14,8 @@ crop, scale to [0, 1], normalise with the model's mean/std (timm's OPENAI_CLIP_M
 weights). Frames arrive as square crops already (`extractors.video`), so usually only the resize acts.
 
 Features: the embeddings of frames [j * w, (j + 1) * w) are averaged into feature j, w =
-cfg.clip_window; the last window may be shorter, n frames give ceil(n / w) features. Frames go
-through the network cfg.batch_size at a time. Embeddings are not L2-normalised (averaging first
+cfg.clip_window; the last window may be shorter, n frames give ceil(n / w) features
+(`extractors.frames`). Frames go through the network cfg.batch_size at a time. Embeddings are not L2-normalised (averaging first
 keeps the magnitude information; normalise downstream if wanted).
 
 Weights: `weights=` a local timm-format state dict (.safetensors or torch file, e.g. model.safetensors
@@ -24,10 +24,9 @@ download `model_name` (needs internet); with neither, random weights and a loud 
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import timm
@@ -36,10 +35,10 @@ from timm.data import resolve_model_data_config
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from extractors.base import (CheckpointInfo, FeatureBatch, FeatureExtractor, FrameBuffer, load_state_dict_strict,
-                             read_state_dict)
+from extractors.base import CheckpointInfo, load_state_dict_strict, read_state_dict
 from extractors.config import ExtractorConfig
 from extractors.files import file_sha256
+from extractors.frames import FrameEmbeddingExtractor
 
 
 def create_clip(model_name: str, weights: str | os.PathLike | None = None, pretrained_from_hub: bool = False,
@@ -84,7 +83,7 @@ def input_size(model: nn.Module, data_config: dict[str, Any]) -> int:
     return int(data_config["input_size"][-1])
 
 
-class ClipExtractor(FeatureExtractor):
+class ClipExtractor(FrameEmbeddingExtractor):
     """Per-frame CLIP embeddings averaged over windows of cfg.clip_window frames."""
 
     backbone = "clip"
@@ -99,14 +98,12 @@ class ClipExtractor(FeatureExtractor):
         self.mean, self.std = list(data_config["mean"]), list(data_config["std"])
         super().__init__(cfg, model, checkpoint)
 
-    def hop_frames(self) -> int:
+    @property
+    def window(self) -> int:
         return self.cfg.clip_window
 
     def sampling_metadata(self) -> dict:
         return {"clip_window": self.cfg.clip_window}
-
-    def num_features(self, num_frames: int) -> int:
-        return math.ceil(max(num_frames, 0) / self.cfg.clip_window)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (n, H, W, 3) frames -> normalised (n, 3, S, S) network input, as CLIP prepares images."""
@@ -119,36 +116,3 @@ class ClipExtractor(FeatureExtractor):
     def embed(self, frames: np.ndarray) -> torch.Tensor:
         """Projected CLIP embeddings (n, dim) of uint8 (n, H, W, 3) frames, in float32."""
         return self.model(self.preprocess(frames)).float()
-
-    def frame_embeddings(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
-        """Embeddings (k, dim) of the stream's frames in order, cfg.batch_size frames per forward pass."""
-        batch_size = self.cfg.batch_size
-        pending = FrameBuffer()  # decoded frames not yet through the network
-        for frames in frame_chunks:
-            pending.append(frames)
-            while len(pending) >= batch_size:
-                yield self.embed(pending.take(pending.start, pending.start + batch_size))
-                pending.discard_before(pending.start + batch_size)
-        if len(pending):  # the stream has ended: the last, smaller batch
-            yield self.embed(pending.take(pending.start, pending.end))
-
-    def iter_features(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[FeatureBatch]:
-        window = self.cfg.clip_window
-        held = torch.empty(0, self.dim, dtype=torch.float64)  # embeddings of frames [first, first + len(held))
-        first = 0
-        for embeddings in self.frame_embeddings(frame_chunks):
-            held = torch.cat([held, embeddings.cpu().double()])  # averaged in float64: windows can be long
-            complete = len(held) // window * window
-            if complete:
-                yield self._window_means(held[:complete], first)
-                held, first = held[complete:], first + complete
-        if len(held):  # the last, shorter window
-            yield self._window_means(held, first)
-
-    def _window_means(self, embeddings: torch.Tensor, first: int) -> FeatureBatch:
-        """Means of consecutive windows of the embeddings of frames first, first + 1, ...; the last may be short."""
-        windows = torch.split(embeddings, self.cfg.clip_window)
-        features = torch.stack([frames.mean(dim=0) for frames in windows]).float().numpy()
-        starts = first + self.cfg.clip_window * np.arange(len(windows), dtype=np.int64)
-        stops = np.minimum(starts + self.cfg.clip_window, first + len(embeddings))
-        return features, np.stack([starts, stops], axis=1)

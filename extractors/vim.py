@@ -13,7 +13,7 @@ The network is built for `image_size` x `image_size` images, the size the frames
 (`ms_temba.vim.resize_pos_embed`), as Vim fine-tunes at another resolution.
 
 Features: the embeddings of frames [j * w, (j + 1) * w) are averaged into feature j, w = cfg.window;
-the last window may be shorter, n frames give ceil(n / w) features (CLIP's rule, `extractors.clip`).
+the last window may be shorter, n frames give ceil(n / w) features (`extractors.frames`, as for CLIP).
 
 Weights: `weights=` a local checkpoint: an official release file (huggingface.co/hustvl/Vim-*-midclstok,
 {"model": ...}), or the model.pt of `ms-temba train-vim`, which records the model it was trained
@@ -24,10 +24,9 @@ metadata records the weights' sha256, the variant, the token and the patch size 
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +34,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms.v2 import functional as TF
 
 import ms_temba
-from extractors.base import CheckpointInfo, FeatureBatch, FeatureExtractor, FrameBuffer, load_state_dict_strict
+from extractors.base import CheckpointInfo, load_state_dict_strict
 from extractors.config import ExtractorConfig
 from extractors.files import file_sha256
+from extractors.frames import FrameEmbeddingExtractor
 from ms_temba.checkpoint import load_checkpoint_file, unwrap_state_dict
 from ms_temba.registry import model_class
 from ms_temba.vim import VimConfig, VisionMamba, resize_pos_embed
@@ -99,7 +99,7 @@ def create_vim(variant: str, image_size: int, weights: str | os.PathLike | None 
     return model.eval(), CheckpointInfo(source=source, sha256=file_sha256(weights), pretrained=True)
 
 
-class VimExtractor(FeatureExtractor):
+class VimExtractor(FrameEmbeddingExtractor):
     """Per-frame Vim embeddings (class token or mean patch token) averaged over windows of cfg.window frames."""
 
     backbone = "vim"
@@ -112,16 +112,14 @@ class VimExtractor(FeatureExtractor):
         self.architecture = model.config
         super().__init__(cfg, model, checkpoint)
 
-    def hop_frames(self) -> int:
+    @property
+    def window(self) -> int:
         return self.cfg.window
 
     def sampling_metadata(self) -> dict:
         return {"variant": self.cfg.variant, "token": self.cfg.token, "window": self.cfg.window,
                 "patch_size": self.architecture.patch_size, "patch_stride": self.architecture.stride,
                 "depth": self.architecture.depth}
-
-    def num_features(self, num_frames: int) -> int:
-        return math.ceil(max(num_frames, 0) / self.cfg.window)
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (n, S, S, 3) frames -> normalised (n, 3, S, S) network input."""
@@ -135,36 +133,3 @@ class VimExtractor(FeatureExtractor):
         if self.cfg.token == "cls":
             return tokens[:, middle].float()
         return torch.cat([tokens[:, :middle], tokens[:, middle + 1:]], dim=1).float().mean(dim=1)
-
-    def frame_embeddings(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
-        """Embeddings (k, dim) of the stream's frames in order, cfg.batch_size frames per forward pass."""
-        batch_size = self.cfg.batch_size
-        pending = FrameBuffer()  # decoded frames not yet through the network
-        for frames in frame_chunks:
-            pending.append(frames)
-            while len(pending) >= batch_size:
-                yield self.embed(pending.take(pending.start, pending.start + batch_size))
-                pending.discard_before(pending.start + batch_size)
-        if len(pending):  # the stream has ended: the last, smaller batch
-            yield self.embed(pending.take(pending.start, pending.end))
-
-    def iter_features(self, frame_chunks: Iterator[np.ndarray]) -> Iterator[FeatureBatch]:
-        window = self.cfg.window
-        held = torch.empty(0, self.dim, dtype=torch.float64)  # embeddings of frames [first, first + len(held))
-        first = 0
-        for embeddings in self.frame_embeddings(frame_chunks):
-            held = torch.cat([held, embeddings.cpu().double()])  # averaged in float64: windows can be long
-            complete = len(held) // window * window
-            if complete:
-                yield self._window_means(held[:complete], first)
-                held, first = held[complete:], first + complete
-        if len(held):  # the last, shorter window
-            yield self._window_means(held, first)
-
-    def _window_means(self, embeddings: torch.Tensor, first: int) -> FeatureBatch:
-        """Means of consecutive windows of the embeddings of frames first, first + 1, ...; the last may be short."""
-        windows = torch.split(embeddings, self.cfg.window)
-        features = torch.stack([frames.mean(dim=0) for frames in windows]).float().numpy()
-        starts = first + self.cfg.window * np.arange(len(windows), dtype=np.int64)
-        stops = np.minimum(starts + self.cfg.window, first + len(embeddings))
-        return features, np.stack([starts, stops], axis=1)

@@ -147,3 +147,33 @@ def test_bad_model_choices_are_clear_errors(tmp_path):
         create_clip("no_such_model")
     with pytest.raises(ValueError, match="not both"):
         create_clip(MODEL_NAME, weights=tmp_path / "x.pt", pretrained_from_hub=True)
+
+
+def test_clip_and_vim_share_the_window_averaging_of_frames_py():
+    """extractors.frames.FrameEmbeddingExtractor: any embed(frames) -> (n, D), averaged over windows
+    whose frames straddle chunk and batch boundaries, equals numpy's mean of each window."""
+    from extractors.base import CheckpointInfo
+    from extractors.frames import FrameEmbeddingExtractor
+    from extractors.vim import VimExtractor
+
+    assert issubclass(ClipExtractor, FrameEmbeddingExtractor) and issubclass(VimExtractor, FrameEmbeddingExtractor)
+
+    class PixelMeans(FrameEmbeddingExtractor):  # embedding: each frame's mean of R, G, B
+        backbone, model_name, dim = "clip", "pixel-means", 3
+
+        @property
+        def window(self) -> int:
+            return self.cfg.clip_window
+
+        def embed(self, frames):
+            return torch.from_numpy(frames.astype(np.float32).mean(axis=(1, 2)))
+
+    cfg = ExtractorConfig(backbone="clip", device="cpu", image_size=8, fps=FPS, clip_window=5, batch_size=3)
+    extractor = PixelMeans(cfg, torch.nn.Identity(), CheckpointInfo("none", "none", False))
+    frames = random_frames(17, 8, 8, seed=3)
+    per_frame = frames.astype(np.float64).mean(axis=(1, 2))
+    expected = np.array([per_frame[i:i + 5].mean(0) for i in range(0, 17, 5)])
+    features, spans = map(np.concatenate, zip(*extractor.iter_features(iter(np.array_split(frames, [2, 9, 10])))))
+    np.testing.assert_allclose(features, expected, rtol=1e-6)
+    assert spans.tolist() == [[0, 5], [5, 10], [10, 15], [15, 17]]
+    assert extractor.num_features(17) == 4 and extractor.hop_frames() == 5
