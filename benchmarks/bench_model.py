@@ -16,7 +16,7 @@ checkpointing. It prints the ratios against the targets of issue 15 (parts 4 and
 The workers import `ms_temba` only: not `pipelines`, whose process set-up tunes glibc's allocator
 (pipelines/process.py). What is measured is what a user of the library gets.
 
-    python benchmarks/bench_model.py                      # the full table (about 10 minutes)
+    python benchmarks/bench_model.py                      # the full table (8 min idle, 19 loaded)
     python benchmarks/bench_model.py --quick              # T = 256 and 1024, one repeat (a minute)
     python benchmarks/bench_model.py --lengths 2500 --models ms_temba ms_tct
 """
