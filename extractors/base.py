@@ -147,6 +147,11 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "float16", "bfloat16": how the shard metadata and the extract stage's stamp name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 # Features as they leave a backbone: (features (k, dim) float32, spans (k, 2) int64), where span row
 # (first, stop) holds the global indices of the frames [first, stop) that feature stands for.
 FeatureBatch = tuple[np.ndarray, np.ndarray]
@@ -199,7 +204,7 @@ class FeatureExtractor(abc.ABC):
             **entries,
             "hop_frames": self.hop_frames(),
             "feature_hop_s": None if cfg.fps is None else self.hop_frames() / cfg.fps,
-            "precision": str(self.dtype).removeprefix("torch."),
+            "precision": dtype_name(self.dtype),
         }
 
     def extract(self, path: str | os.PathLike) -> VideoFeatures:

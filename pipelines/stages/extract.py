@@ -21,6 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
+from extractors.device import resolve_device
 from pipelines.config import PipelineParams
 from pipelines.io import write_json
 from pipelines.manifest import ManifestError, read_manifest, usable_videos
@@ -45,10 +46,18 @@ def extraction_settings(params: PipelineParams, rows: list[dict] | None = None) 
     dataset = params.dataset
     if dataset.feature_source == "npy":
         return {"feature_source": "npy", "video_dir": dataset.video_dir, "npy_hop_s": dataset.npy_hop_s}
-    settings = params.extractor.to_dict()
+    from extractors.base import compute_dtype, dtype_name  # torch: not needed for npy features
+
+    cfg = params.extractor
+    # The params form holds only the chosen backbone's fields: a field added to another backbone
+    # leaves the stamp, and so the existing shards, alone.
+    settings = cfg.to_params()
     # These change how the work is spread, not the features.
     for key in ("batch_size", "chunk_frames", "device", "num_actors", "videos_per_shard"):
         settings.pop(key)
+    # What `auto` means here (fp16 on CUDA, fp32 on the CPU), as the shard metadata records it: features
+    # computed on a GPU are not resumed on the CPU as if they were the same.
+    settings["precision"] = dtype_name(compute_dtype(cfg.precision, resolve_device(cfg.device, "extractor.device")))
     return {"feature_source": "videos", "extractor": settings, **source_metadata(params, rows or [])}
 
 
