@@ -156,6 +156,46 @@ def test_pretrained_features_need_the_weights_file():
                                                                                "/weights/rgb_imagenet.pt")
 
 
+def test_a_vim_trained_model_rebuilds_its_extractor(tmp_path):
+    """A model trained on features of a Vim from `ms-temba train-vim` (a small architecture recorded in
+    its file; the mean token, window 4) gets the extractor that made them back from the checkpoint:
+    same metadata, same features."""
+    from extractors.config import ExtractorConfig
+    from extractors.run import ExtractionWorker
+    from extractors.vim import CONFIG_KEY, VARIANT_KEY
+    from pipelines.tools.predict import build_checked_extractor, extractor_config_for
+
+    torch.manual_seed(0)
+    vim = ms_temba.create_model("vim_tiny_stride8", img_size=32, num_classes=3, depth=2, embed_dim=32, d_state=4)
+    torch.save({"model": vim.state_dict(), VARIANT_KEY: "vim_tiny_stride8",
+                CONFIG_KEY: dataclasses.asdict(vim.config)}, tmp_path / "vim.pt")
+    trained_cfg = ExtractorConfig(backbone="vim", variant="vim_tiny_stride8", token="mean", window=4, fps=4.0,
+                                  image_size=32, device="cpu", weights=str(tmp_path / "vim.pt"))
+    trained = ExtractionWorker(trained_cfg).extractor  # built as the extract stage builds it
+    metadata = trained.metadata()
+    make_bundle(tmp_path / "model.pt", features=metadata, in_dim=32)
+    predictor = Predictor.from_checkpoint(tmp_path / "model.pt")
+
+    with pytest.raises(PredictError, match="pass that file with --extractor-weights"):
+        extractor_config_for(predictor.feature_metadata)
+    cfg = extractor_config_for(predictor.feature_metadata, weights=str(tmp_path / "vim.pt"), device="cpu")
+    assert (cfg.backbone, cfg.variant, cfg.token, cfg.window, cfg.fps, cfg.image_size, cfg.weights_from_hub) == (
+        "vim", "vim_tiny_stride8", "mean", 4, 4.0, 32, False)
+    rebuilt = build_checked_extractor(predictor, cfg)  # raises PredictError if the features would differ
+    frames = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    times = np.arange(9) / 4.0
+    np.testing.assert_array_equal(rebuilt.extract_frames(frames, times).features,
+                                  trained.extract_frames(frames, times).features)
+
+    # Official weights from the hub: downloaded again, or a local copy of the file instead.
+    hub = {**metadata, "variant": "vim_small_stride8", "pretrained": True, "checkpoint_sha256": "ab" * 32,
+           "checkpoint": "hf-hub:hustvl/Vim-small-midclstok/vim_s_midclstok_ft_81p6acc.pth"}
+    cfg = extractor_config_for(hub, device="cpu")
+    assert (cfg.variant, cfg.weights_from_hub, cfg.weights) == ("vim_small_stride8", True, None)
+    cfg = extractor_config_for(hub, weights="/w/vim_s_midclstok_ft_81p6acc.pth", device="cpu")
+    assert (cfg.weights_from_hub, cfg.weights) == (False, "/w/vim_s_midclstok_ft_81p6acc.pth")
+
+
 def test_usage_errors(tmp_path, capsys):
     make_bundle(tmp_path / "model.pt")
     assert predict_main(["--checkpoint", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]) == 2

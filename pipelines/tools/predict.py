@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from extractors.config import ExtractorConfig
+from extractors.config import BACKBONE_FIELDS, ExtractorConfig
 from extractors.device import DEVICE_CHOICES, resolve_device
 from extractors.files import atomic_path, file_sha256
 from extractors.shards import (FeatureStore, VideoFeatures, failure_record, metadata_mismatch,
@@ -62,8 +62,9 @@ DEFAULT_PLOT_TOP_K = 5
 # meaning: the package version, the precision (fp16 on a GPU, fp32 on a CPU) and the weights
 # file's name (its sha256 is what identifies the weights).
 _NOT_FEATURE_DEFINING = {"package_version", "precision", "checkpoint", "source_fps"}
-# ExtractorConfig fields that the feature metadata records and that shape the features.
-_SAMPLING_FIELDS = ("fps", "image_size", "mode", "snippet_len", "stride", "clip_window")
+# How a backbone's shard metadata names hub weights ("checkpoint" starts with the prefix), and the
+# ExtractorConfig field that downloads them again.
+_HUB_WEIGHTS = {"clip": ("timm-hub:", "pretrained_from_hub"), "vim": ("hf-hub:", "weights_from_hub")}
 
 
 class PredictError(ValueError):
@@ -176,10 +177,10 @@ def extractor_config_for(feature_metadata: Mapping[str, Any], weights: str | Non
     values = dataclasses.asdict(base)
     values["device"] = device
     if "backbone" in feature_metadata:
-        values["backbone"] = feature_metadata["backbone"]
-        if values["backbone"] == "clip":
-            values["model_name"] = feature_metadata.get("model_name", values["model_name"])
-        for key in _SAMPLING_FIELDS:
+        backbone = values["backbone"] = feature_metadata["backbone"]
+        # The metadata records the sampling and the backbone's own fields under their config names
+        # (I3D's mode, snippet_len, stride; CLIP's model_name, clip_window; Vim's variant, token, window).
+        for key in ("fps", "image_size", *BACKBONE_FIELDS.get(backbone, ())):
             if feature_metadata.get(key) is not None or key == "fps":
                 values[key] = feature_metadata.get(key)
         if feature_metadata.get("fps") is None:
@@ -196,8 +197,12 @@ def extractor_config_for(feature_metadata: Mapping[str, Any], weights: str | Non
                                    f"checkpoint records")
             values["fps"] = float(rate)
         checkpoint = str(feature_metadata.get("checkpoint", ""))
-        values["pretrained_from_hub"] = checkpoint.startswith("timm-hub:")
-        if feature_metadata.get("pretrained") and weights is None and not values["pretrained_from_hub"]:
+        hub_prefix, hub_field = _HUB_WEIGHTS.get(backbone, (None, None))
+        # A local copy of the hub file (--extractor-weights) is used instead; its sha256 is checked.
+        from_hub = hub_prefix is not None and checkpoint.startswith(hub_prefix) and weights is None
+        if hub_field is not None:
+            values[hub_field] = from_hub
+        if feature_metadata.get("pretrained") and weights is None and not from_hub:
             raise PredictError(f"the model was trained on features of pretrained {values['backbone']} weights "
                                f"({checkpoint!r}); pass that file with --extractor-weights")
     if weights is not None:
