@@ -115,8 +115,17 @@ class ModelParams:
 
     def check(self) -> None:
         import ms_temba
+        from ms_temba.registry import model_class
 
-        _require_choice("model.name", self.name, tuple(ms_temba.list_models()))
+        # The registry also holds image models (Vim, for extractor=vim); the pipeline trains only
+        # models over feature sequences.
+        temporal = tuple(name for name in ms_temba.list_models()
+                         if not issubclass(model_class(name), ms_temba.VisionMamba))
+        if self.name in ms_temba.list_models() and self.name not in temporal:
+            raise ConfigError("model.name", f"{self.name!r} is an image model (Vim; extractor=vim uses it to make "
+                                            f"features, `ms-temba train-vim` trains it); the pipeline trains a "
+                                            f"temporal model: one of {', '.join(map(repr, temporal))}")
+        _require_choice("model.name", self.name, temporal)
         defaults = ms_temba.model_config(self.name)
         config_name = type(defaults).__name__
         known = [f.name for f in dataclasses.fields(defaults) if f.name not in self.FROM_DATA]

@@ -183,6 +183,16 @@ def test_model_config_errors_carry_the_field(model, overrides, field, message):
     assert isinstance(raised.value, ValueError)  # callers catching ValueError keep working
 
 
+@pytest.mark.parametrize("name", ["vim_tiny", "vim_small_stride8"])
+def test_an_image_model_is_not_a_pipeline_model(default_params, name):
+    # Vim is in ms_temba's registry (extractor=vim, train-vim) but reads images, not feature sequences.
+    with pytest.raises(ConfigError, match=rf"^model.name: '{name}' is an image model .* one of 'mlp', ") as raised:
+        parse_params(with_value(default_params, "model.name", name))
+    listed = raised.value.problem.split("one of ")[1]
+    assert "vim" not in listed and all(f"'{model}'" in listed for model in ("ms_temba", "ms_tct", "mstcn", "mlp"))
+    assert parse_params(with_value(default_params, "model.name", "ms_temba_tiny")).model.name == "ms_temba_tiny"
+
+
 def test_extractor_config_errors_carry_the_field():
     from extractors.config import ExtractorConfig
     from ms_temba.errors import ConfigFieldError
