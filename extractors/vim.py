@@ -118,7 +118,7 @@ class VimExtractor(FrameEmbeddingExtractor):
 
     def sampling_metadata(self) -> dict:
         return {"variant": self.cfg.variant, "token": self.cfg.token, "window": self.cfg.window,
-                "patch_size": self.architecture.patch_size, "patch_stride": self.architecture.stride,
+                "patch_size": self.architecture.patch_size, "patch_stride": self.architecture.patch_stride,
                 "depth": self.architecture.depth}
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:

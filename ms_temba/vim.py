@@ -3,7 +3,7 @@ layers MS-Temba uses, as in hustvl/Vim's `vim/models_mamba.py` (the "bimamba v2"
 token variants that the released checkpoints are).
 
     images (batch, 3, H, W)
-      --patch_embed-->  (batch, N, D)         Conv2d, kernel patch_size, stride `stride`; N patches
+      --patch_embed-->  (batch, N, D)         Conv2d, kernel patch_size, stride `patch_stride`; N patches
                                               in row-major order over the grid
       insert cls_token at index N // 2        the class token sits in the middle of the sequence, so
                                               both scan directions reach it after half the patches
@@ -50,7 +50,9 @@ class VimConfig:
 
     img_size: int | tuple[int, int] = 224  # the (height, width) every input image must have
     patch_size: int = 16
-    stride: int = 16  # < patch_size: overlapping patches, the finer "stride 8" variants
+    # < patch_size: overlapping patches, the finer "stride 8" variants. None: patch_size (the patches
+    # tile the image), kept None so that overriding patch_size alone moves the stride with it.
+    stride: int | None = None
     channels: int = 3
     num_classes: int = 1000  # 0: no head, `forward` returns the features
     embed_dim: int = 192
@@ -69,8 +71,10 @@ class VimConfig:
                                                             f"got {self.img_size!r}")
         # A tuple, so that the config compares and round-trips through dataclasses.asdict.
         self.img_size = tuple(_positive_int("img_size", side) for side in pair)
-        for key in ("patch_size", "stride", "channels", "embed_dim", "depth", "d_state", "d_conv", "expand"):
+        for key in ("patch_size", "channels", "embed_dim", "depth", "d_state", "d_conv", "expand"):
             setattr(self, key, _positive_int(key, getattr(self, key)))
+        if self.stride is not None:
+            self.stride = _positive_int("stride", self.stride)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral) \
                 or self.num_classes < 0:
             raise ConfigFieldError("VimConfig", "num_classes", f"must be an int >= 0, got {self.num_classes!r}")
@@ -87,8 +91,13 @@ class VimConfig:
             raise ConfigFieldError("VimConfig", "residual_in_fp32", f"must be a bool, got {self.residual_in_fp32!r}")
 
     @property
+    def patch_stride(self) -> int:
+        """Pixels between the starts of neighbouring patches."""
+        return self.patch_size if self.stride is None else self.stride
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return patch_grid(self.img_size, self.patch_size, self.stride)
+        return patch_grid(self.img_size, self.patch_size, self.patch_stride)
 
     @property
     def num_patches(self) -> int:
@@ -161,10 +170,10 @@ class VisionMamba(nn.Module):
         # that state_dict() lists the keys in the order of the released checkpoints.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim))
-        # Vim leaves them out of weight decay (its no_weight_decay()); the trainer reads the mark.
+        # Vim leaves them out of weight decay (`no_weight_decay`, which timm's optimizer factory reads).
         self.cls_token._no_weight_decay = True
         self.pos_embed._no_weight_decay = True
-        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.stride, config.channels, dim)
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.patch_stride, config.channels, dim)
         self.pos_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
         # Python floats, not torch.linspace: a model built on the meta device has no values to read.
@@ -176,6 +185,14 @@ class VisionMamba(nn.Module):
         # Where the class token goes: the middle of the patch sequence.
         self.cls_position = config.num_patches // 2
         self._init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention (create_optimizer_v2 reads it): names of parameters spared weight decay,
+        Vim's list: this module's own parameters marked `_no_weight_decay` (pos_embed, cls_token).
+        The mixers' A_log and D carry mamba_simple's mark too, but Vim's training decays them (its
+        list names only the model's own tokens), so nested modules' marks are not followed here."""
+        return {name for name, parameter in self.named_parameters(recurse=False)
+                if getattr(parameter, "_no_weight_decay", False)}
 
     @torch.no_grad()
     def _init_weights(self) -> None:

@@ -211,6 +211,37 @@ def test_variants_have_the_official_geometry(name):
     assert model.layers[0].mixer.in_proj.weight.shape == (4 * width, width)
 
 
+@pytest.mark.parametrize("name, patch_size, stride, grid", [
+    ("vim_tiny", 8, None, (28, 28)),  # the stride follows patch_size: 224 / 8 patches that tile the image
+    ("vim_tiny", 8, 4, (55, 55)),  # (224 - 8) // 4 + 1, overlapping as asked
+    ("vim_tiny_stride8", 32, None, (25, 25)),  # a stride-8 variant keeps its stride: (224 - 32) // 8 + 1
+])
+def test_the_stride_follows_an_overridden_patch_size_unless_set(name, patch_size, stride, grid):
+    overrides = {"patch_size": patch_size} if stride is None else {"patch_size": patch_size, "stride": stride}
+    config = ms_temba.model_config(name, **overrides)
+    assert config.grid_size == grid
+    with torch.device("meta"):
+        proj = ms_temba.create_model(name, **overrides).patch_embed.proj
+    assert proj.kernel_size == (patch_size, patch_size)
+    expected_stride = stride or (8 if name.endswith("stride8") else patch_size)
+    assert proj.stride == (expected_stride, expected_stride) and config.patch_stride == expected_stride
+
+
+def test_no_weight_decay_is_vims_list_and_timms_optimizer_reads_it():
+    from timm.optim import create_optimizer_v2
+
+    model = small_vim()
+    # Vim's models_mamba.VisionMamba.no_weight_decay() names pos_embed and cls_token (and tokens this
+    # model does not have); the mixers' A_log stays decayed as in Vim's training.
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    spared = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in spared}
+    assert names == {"pos_embed", "cls_token"} | {name for name, p in model.named_parameters() if p.ndim <= 1}
+    assert "layers.0.mixer.A_log" not in names
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in model.parameters()}
+
+
 def test_official_names_are_aliases():
     for official, short in OFFICIAL_NAMES.items():
         assert ms_temba.model_config(official) == ms_temba.model_config(short)

@@ -255,14 +255,6 @@ def load_init(model, state: dict[str, torch.Tensor], init_config: dict | None, l
 # Training
 
 
-def no_weight_decay(model) -> set[str]:
-    """Vim's no_weight_decay(): the model's own parameters marked `_no_weight_decay` (pos_embed,
-    cls_token); timm leaves biases and norms out by itself. The mixers' A_log and D carry the mark
-    too (mamba_simple's), but Vim's training, which reads only the model's list, decays A_log."""
-    return {name for name, parameter in model.named_parameters(recurse=False)
-            if getattr(parameter, "_no_weight_decay", False)}
-
-
 def run_fingerprint(settings: dict[str, Any]) -> str:
     """What a checkpoint must have been trained with to be resumed, in pipelines.training's format
     ("<digest> key=<hash> ...") so that `fingerprint_difference` can name the settings that differ."""
@@ -330,7 +322,7 @@ def train_vim(args) -> dict[str, Any]:
     """Train as `args` say (see build_parser); returns the metrics written to OUT/metrics.json."""
     from timm.data import Mixup, create_transform
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
     from torch.utils.data import DataLoader
@@ -384,9 +376,8 @@ def train_vim(args) -> dict[str, Any]:
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
 
     lr = args.lr * args.batch_size / 512  # Vim's (DeiT's) linear scaling rule
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=args.weight_decay, param_group_fn=(
-        lambda module: param_groups_weight_decay(module, args.weight_decay,
-                                                 no_weight_decay_list=no_weight_decay(module))))
+    # timm spares 1-d parameters and biases, and the names of model.no_weight_decay() (pos_embed, cls_token).
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=args.weight_decay)
     # t_initial >= 1: timm refuses 0, and --epochs 0 (write the initial model) never steps it.
     scheduler = CosineLRScheduler(optimizer, t_initial=max(args.epochs, 1), lr_min=args.min_lr,
                                   warmup_t=args.warmup_epochs, warmup_lr_init=args.warmup_lr)
@@ -414,7 +405,7 @@ def train_vim(args) -> dict[str, Any]:
             log(f"ignoring {checkpoint_path}: it belongs to other settings "
                 f"(differing: {fingerprint_difference(checkpoint['fingerprint'], run_id)})")
     log(f"{name} ({sum(p.numel() for p in model.parameters()):,} parameters, {model.config.num_patches} patches "
-        f"of {model.config.patch_size} px at stride {model.config.stride}), {len(classes)} classes, "
+        f"of {model.config.patch_size} px at stride {model.config.patch_stride}), {len(classes)} classes, "
         f"{len(train_set)} training / {len(val_set) if val_set else 0} validation images, device {device}")
 
     steps_per_epoch = len(train_set) // args.batch_size
