@@ -55,6 +55,8 @@ def test_the_stamp_records_the_resolved_precision(params, monkeypatch):
     # On the CPU auto is fp32: the same shards as an explicit fp32; fp16 and bf16 are not.
     assert stamp("auto") == stamp("fp32") == "float32"
     assert (stamp("fp16"), stamp("bf16")) == ("float16", "bfloat16")
+    # device cuda: the actors' GPU, even where this process has none (the head of a Ray cluster).
+    assert stamp("auto", device="cuda") == "float16" and stamp("fp32", device="cuda") == "float32"
     # On a machine with a GPU auto is fp16: a CPU run's shards are not resumed as if they were the same.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert stamp("auto", device="auto") == "float16" != stamp("auto", device="cpu")

@@ -46,7 +46,9 @@ def extraction_settings(params: PipelineParams, rows: list[dict] | None = None) 
     dataset = params.dataset
     if dataset.feature_source == "npy":
         return {"feature_source": "npy", "video_dir": dataset.video_dir, "npy_hop_s": dataset.npy_hop_s}
-    from extractors.base import compute_dtype, dtype_name  # torch: not needed for npy features
+    import torch  # not needed for npy features
+
+    from extractors.base import compute_dtype, dtype_name
 
     cfg = params.extractor
     # The params form holds only the chosen backbone's fields: a field added to another backbone
@@ -55,9 +57,12 @@ def extraction_settings(params: PipelineParams, rows: list[dict] | None = None) 
     # These change how the work is spread, not the features.
     for key in ("batch_size", "chunk_frames", "device", "num_actors", "videos_per_shard"):
         settings.pop(key)
-    # What `auto` means here (fp16 on CUDA, fp32 on the CPU), as the shard metadata records it: features
-    # computed on a GPU are not resumed on the CPU as if they were the same.
-    settings["precision"] = dtype_name(compute_dtype(cfg.precision, resolve_device(cfg.device, "extractor.device")))
+    # The dtype `precision` means on the actors' device (auto: fp16 on CUDA, fp32 on the CPU), named as
+    # the shard metadata names it: features computed on a GPU are not resumed on the CPU as if they
+    # were the same. "cuda" is the actors' GPU, which this process (the head of a cluster) may lack;
+    # "auto" is resolved here, on the machine of the local cluster.
+    device = torch.device(cfg.device) if cfg.device != "auto" else resolve_device("auto", "extractor.device")
+    settings["precision"] = dtype_name(compute_dtype(cfg.precision, device))
     return {"feature_source": "videos", "extractor": settings, **source_metadata(params, rows or [])}
 
 
