@@ -50,7 +50,7 @@ def reference_vim(model: VisionMamba, image: torch.Tensor) -> tuple[torch.Tensor
     """Vim's logits and final normalised tokens (N + 1, D) for one image (channels, H, W), in
     float64, one step at a time."""
     config = model.config
-    p, s = config.patch_size, config.stride
+    p, s = config.patch_size, config.patch_stride
     rows, cols = ((side - p) // s + 1 for side in config.img_size)
     weight = model.patch_embed.proj.weight.double().reshape(config.embed_dim, -1)
     bias = model.patch_embed.proj.bias.double()
