@@ -187,14 +187,13 @@ def test_finer_granularity_fine_tunes_at_half_the_stride(images, tmp_path):
 
 def test_weight_decay_spares_what_vims_does():
     import ms_temba
-    from pipelines.tools.train_vim import no_weight_decay
     from timm.optim import param_groups_weight_decay
 
     model = ms_temba.create_model("vim_tiny", img_size=32, num_classes=3, depth=2, embed_dim=32, patch_size=8)
     # Vim's models_mamba.VisionMamba.no_weight_decay() lists pos_embed and cls_token (and tokens it
     # does not have here); timm adds every 1-d parameter and bias.
-    assert no_weight_decay(model) == {"pos_embed", "cls_token"}
-    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=no_weight_decay(model))
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
     spared = {id(p) for group in groups if group["weight_decay"] == 0 for p in group["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in spared}
     assert names == {"pos_embed", "cls_token"} | {name for name, p in model.named_parameters() if p.ndim <= 1}
