@@ -103,8 +103,6 @@ def test_the_scan_runs_in_fp32_under_bf16_autocast():
     check_scan_under_autocast()
 
 
-@pytest.mark.xfail(reason="the eager CPU scan's einsum (C . h) is a bmm, which CPU autocast runs in bf16; "
-                          "needs an autocast-disabled region in ms_temba/ops/scan.py (reported)", strict=False)
 def test_the_eager_scan_runs_in_fp32_under_bf16_autocast(monkeypatch):
     from ms_temba import ops
 

@@ -4,8 +4,8 @@ Models (batch 1, I3D features in_dim 1024, 157 classes, float32 weights), at T =
   - forward time (inference_mode) and forward+backward time (loss = logits.sum()),
   - peak GPU memory (`torch.cuda.max_memory_allocated`) of each, from a reset before it;
 for these variants, each skipped where it cannot run here:
-  - `ms_temba[fused]`: BiMamba through mamba_ssm's fused `mamba_inner_fn` (ms_temba.ops.fused; the
-    benchmark routes BiMamba.forward there, since the model does not yet),
+  - `ms_temba[fused]`: BiMamba through mamba_ssm's fused `mamba_inner_fn` (ms_temba.ops.fused, which
+    BiMamba.forward takes on CUDA where it applies),
   - `ms_temba[kernels]`: the unfused path on mamba_ssm / causal_conv1d's kernels,
   - `ms_temba[no-kernels]`: the library's own scan and conv (torch ops on CUDA; on CPU its C++ scan),
   - `ms_tct`: `create_model("ms_tct")`, the official MS-TCT (global self-attention through SDPA);
@@ -41,7 +41,6 @@ import ms_temba  # noqa: E402
 from extractors.files import atomic_path  # noqa: E402
 from extractors.i3d import InceptionI3d  # noqa: E402
 from ms_temba import ops  # noqa: E402
-from ms_temba.mamba import BiMamba  # noqa: E402
 from ms_temba.ops import fused  # noqa: E402
 
 IN_DIM, NUM_CLASSES = 1024, 157
@@ -50,21 +49,13 @@ IN_DIM, NUM_CLASSES = 1024, 157
 @contextlib.contextmanager
 def variant(name: str):
     """Run the model as `name` says: which kernels, and whether BiMamba goes through the fused chain."""
-    saved = ops._cuda_selective_scan, ops._cuda_causal_conv1d, BiMamba.forward, fused.ENABLED
-    unfused_forward = BiMamba.forward
+    saved = ops.USE_CUDA_KERNELS, fused.ENABLED
     try:
-        fused.ENABLED = name == "ms_temba[fused]"
-        if name == "ms_temba[no-kernels]":
-            ops._cuda_selective_scan = ops._cuda_causal_conv1d = None
-        if name == "ms_temba[fused]":
-            def forward(self, hidden_states, mask=None, return_c=False):
-                if fused.applies(hidden_states):
-                    return fused.bimamba_forward(self, hidden_states, mask, return_c)
-                return unfused_forward(self, hidden_states, mask, return_c)
-            BiMamba.forward = forward
+        fused.ENABLED = name == "ms_temba[fused]"  # BiMamba.forward takes the fused chain where it applies
+        ops.USE_CUDA_KERNELS = name != "ms_temba[no-kernels]"
         yield
     finally:
-        ops._cuda_selective_scan, ops._cuda_causal_conv1d, BiMamba.forward, fused.ENABLED = saved
+        ops.USE_CUDA_KERNELS, fused.ENABLED = saved
 
 
 def available_variants(device: torch.device) -> list[str]:

@@ -18,7 +18,7 @@ The package:
 
   * here, the public API: `selective_scan`, `causal_conv1d`, `depthwise_conv1d`, their input checks,
     the choice between the CUDA kernels and the CPU paths, and the settings (`CPU_SCAN_EXTENSION`,
-    `SCAN_CHUNK_LENGTH`, `HAS_CUDA_KERNELS`), read when a scan runs, so they can be changed at run time;
+    `SCAN_CHUNK_LENGTH`, `USE_CUDA_KERNELS`), read when a scan runs, so they can be changed at run time;
   * `scan`: the CPU scan, a custom autograd Function over a chunked recurrence that never allocates
     the length x dim x state states, with the recurrence in C++ or, failing that, in torch ops;
   * `cpu_extension`: the build of that C++ recurrence (`ms_temba/csrc/selective_scan_cpu.cpp`);
@@ -42,6 +42,7 @@ from ms_temba.ops.scan import SelectiveScanFunction, num_groups
 __all__ = [
     "CPU_SCAN_EXTENSION",
     "HAS_CUDA_KERNELS",
+    "USE_CUDA_KERNELS",
     "SCAN_CHUNK_LENGTH",
     "causal_conv1d",
     "causal_conv1d_ref",
@@ -62,6 +63,10 @@ except (ImportError, OSError, RuntimeError):
     _cuda_causal_conv1d = None
 
 HAS_CUDA_KERNELS: bool = _cuda_selective_scan is not None and _cuda_causal_conv1d is not None
+# Whether CUDA tensors go to those kernels when they are there (MS_TEMBA_CUDA_KERNELS=0, or setting
+# this to False, runs the torch-op paths on the GPU instead: how the GPU tests and benchmarks
+# compare the two).
+USE_CUDA_KERNELS: bool = os.environ.get("MS_TEMBA_CUDA_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
 # Time steps per chunk of the CPU scan: one saved state per chunk in the forward, and the states
 # of one chunk recomputed at a time in the backward. For the eager path a chunk's working set
@@ -142,7 +147,7 @@ def selective_scan(
         `y.transpose(1, 2)` of a (batch, length, dim) tensor); `.contiguous()` it if needed.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if u.is_cuda and _cuda_selective_scan is not None:
+    if u.is_cuda and USE_CUDA_KERNELS and _cuda_selective_scan is not None:
         if not reverse:
             return _cuda_selective_scan(
                 u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
@@ -255,7 +260,7 @@ def causal_conv1d(
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"causal_conv1d: bias must be (dim={dim},), got shape "
                          f"{tuple(bias.shape)}")
-    if x.is_cuda and _cuda_causal_conv1d is not None:
+    if x.is_cuda and USE_CUDA_KERNELS and _cuda_causal_conv1d is not None:
         if reverse:
             return _cuda_causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
         return _cuda_causal_conv1d(x, weight, bias, activation)

@@ -60,7 +60,7 @@ ENABLED: bool = (os.environ.get("MS_TEMBA_FUSED_BIMAMBA", "1").strip().lower()
 
 def applies(hidden_states: torch.Tensor) -> bool:
     """Whether `bimamba_forward` with mamba_ssm's kernels can replace BiMamba.forward here."""
-    return ENABLED and mamba_inner_fn is not None and hidden_states.is_cuda
+    return ENABLED and ops.USE_CUDA_KERNELS and mamba_inner_fn is not None and hidden_states.is_cuda
 
 
 def bimamba_forward(module, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,

@@ -30,6 +30,8 @@ reference, every gradient included.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,18 @@ import torch.nn.functional as F
 def num_groups(B_or_C: torch.Tensor) -> int:
     """The number of groups of B or C: (batch, state, length) is one, (batch, groups, state, length) `groups`."""
     return 1 if B_or_C.dim() == 3 else B_or_C.shape[1]
+
+
+def _without_autocast(method):
+    """Run a Function's forward/backward with autocast off on the tensors' device: the recurrence
+    must stay in fp32 under mixed precision, as mamba_ssm's kernels keep it (CPU autocast would run
+    the eager path's einsum C . h in bf16, an error of ~4e-2 against the float64 reference)."""
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type, enabled=False):
+            return method(ctx, *args)
+    return wrapper
 
 
 class SelectiveScanFunction(torch.autograd.Function):
@@ -52,6 +66,7 @@ class SelectiveScanFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_length, extension):
         dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
         batch, dim, length = u.shape
@@ -84,6 +99,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         return out.to(u.dtype), last_state
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out, _grad_last_state):
         u, delta, z, delta_bias, D, A_t, B_t, C_t, initial_states = ctx.saved_tensors
         shape: _ScanShape = ctx.shape
