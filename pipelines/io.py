@@ -3,12 +3,14 @@ stage never leaves a half-written output, only a temporary file that its rerun r
 `remove_stale_temporaries_of`), and the stages' logging."""
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +26,15 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: Sequence[str]) -> None:
+    """`rows` as CSV with `columns` (other keys of a row are left out), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:

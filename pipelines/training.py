@@ -34,10 +34,8 @@ Throughput (docs/pipeline.md, "Precision, read-ahead and several GPUs"):
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -58,7 +56,7 @@ from pipelines.config import ConfigError, PipelineParams
 from pipelines.data import (Sequence, TrainingBatches, feature_statistics, load_sequences, num_batches,
                             split_train_val, standardized)
 from pipelines.inference import video_probabilities
-from pipelines.io import remove_stale_temporaries_of, setup_logging, write_text
+from pipelines.io import remove_stale_temporaries_of, setup_logging, write_csv
 from pipelines.manifest import read_manifest, usable_videos
 
 CHECKPOINT_FILE = "last.pt"
@@ -189,14 +187,6 @@ def fingerprint_difference(old: str, new: str) -> str:
     if first is None or second is None:
         return "settings not recorded: a checkpoint of an older version"
     return ", ".join(sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))) or "nothing"
-
-
-def write_log(path: Path, history: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(path, buffer.getvalue())
 
 
 def rng_states() -> dict:
@@ -393,7 +383,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "rng": rng_states(), "history": history, "best": best,
                         **({"rank_rng": rank_rng} if ranks.world_size > 1 else {})}, temporary)
-        write_log(Path(log_path), history)
+        write_csv(log_path, history, LOG_COLUMNS)
 
     if recipe.distributed:
         torch.distributed.destroy_process_group()
@@ -401,7 +391,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         return None
     if best["state_dict"] is None:  # validation mAP was NaN throughout: keep the last epoch
         best = {"epoch": recipe.epochs, "val_map": float("nan"), "state_dict": model.state_dict()}
-    write_log(Path(log_path), history)
+    write_csv(log_path, history, LOG_COLUMNS)
     config = dataclasses.asdict(model.config)
     bundle = ModelBundle(
         model_name=params.model.name, model_config=config, state_dict=best["state_dict"],

@@ -42,10 +42,8 @@ OUT/train_curves.png (per epoch; `dvc plots` reads the CSV). docs/vim.md has a D
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -282,16 +280,6 @@ def evaluate(model, loader, device) -> dict[str, float]:
     return {"loss": totals["loss"] / count, "top1": 100 * totals["top1"] / count, "top5": 100 * totals["top5"] / count}
 
 
-def write_log(path: Path, history: list[dict]) -> None:
-    from pipelines.io import write_text
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(path, buffer.getvalue())
-
-
 def plot_curves(path: Path, history: list[dict]) -> None:
     import matplotlib
 
@@ -330,7 +318,7 @@ def train_vim(args) -> dict[str, Any]:
     from extractors.device import resolve_device
     from extractors.files import atomic_path, file_sha256
     from extractors.vim import CONFIG_KEY, VARIANT_KEY
-    from pipelines.io import remove_stale_temporaries_of, write_json
+    from pipelines.io import remove_stale_temporaries_of, write_csv, write_json
     from pipelines.training import fingerprint_difference, seed_everything
 
     def log(message: str) -> None:
@@ -452,7 +440,7 @@ def train_vim(args) -> dict[str, Any]:
             torch.save({"fingerprint": run_id, "epoch": epoch + 1, "model": model.state_dict(),
                         "model_ema": ema.module.state_dict() if ema is not None else None,
                         "optimizer": optimizer.state_dict(), "history": history}, temporary)
-        write_log(out / LOG_FILE, history)
+        write_csv(out / LOG_FILE, history, LOG_COLUMNS)
 
     final = {"model": model.state_dict(), VARIANT_KEY: name, CONFIG_KEY: dataclasses.asdict(model.config),
              "classes": list(classes), "epoch": args.epochs}
@@ -469,7 +457,7 @@ def train_vim(args) -> dict[str, Any]:
         if ema is not None:
             metrics["val_top1_ema"] = scored[-1]["val_top1_ema"]
     write_json(out / METRICS_FILE, metrics)
-    write_log(out / LOG_FILE, history)
+    write_csv(out / LOG_FILE, history, LOG_COLUMNS)
     if history:
         plot_curves(out / PLOT_FILE, history)
     log(f"{name} -> {out / MODEL_FILE}; metrics in {out / METRICS_FILE}")
