@@ -16,8 +16,13 @@
 # bench_gpu.json, bench_gpu.md.
 #
 # Environment: OUT (default benchmarks/out/gpu-check), CHECK_BUDGET_S, CHECK_BUILD_S (the build's
-# own limit, default 330), CHECK_MAX_JOBS (parallel compiles per package, default 11), PYTHON (default python3, the one with torch), CHECK_WORK (scratch,
-# default /tmp/ms-temba-gpu-check), TORCH_CUDA_ARCH_LIST (default: this GPU's, e.g. 9.0).
+# own limit, default 330), CHECK_MAX_JOBS (parallel compiles per package, default 11), PYTHON
+# (default python3, the one with torch), CHECK_WORK (scratch, default /tmp/ms-temba-gpu-check),
+# TORCH_CUDA_ARCH_LIST (default: this GPU's, e.g. 9.0), CHECK_TRIM (default 1: build only the
+# kernels ms_temba calls, patch_sources.py --trim; 0: the packages' full dtype set, which took over
+# 330 s on the H200 machine), CHECK_TESTS_WITHOUT_KERNELS (default 1; 0 skips stage 2, e.g. on a
+# second call once it has passed), CHECK_BENCH_ARGS (more arguments for bench_gpu.py, e.g.
+# '--models ms_temba[fused] ms_temba[kernels]').
 set -uo pipefail  # no -e: each stage's failure is recorded, and the check goes on
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -26,6 +31,8 @@ OUT=${OUT:-$REPO/benchmarks/out/gpu-check}
 BUDGET_S=${CHECK_BUDGET_S:-470}
 BUILD_S=${CHECK_BUILD_S:-330}
 PY=${PYTHON:-python3}
+TRIM=${CHECK_TRIM:-1}
+TESTS_WITHOUT_KERNELS=${CHECK_TESTS_WITHOUT_KERNELS:-1}
 WORK=${CHECK_WORK:-/tmp/ms-temba-gpu-check}
 DEPS=$REPO/benchmarks/gpu/deps
 SITE=$WORK/site
@@ -78,14 +85,15 @@ build() {  # package sdist-glob max-jobs: unpack, patch, build a wheel; the log 
     sdist=$(ls "$DEPS"/$2 2>/dev/null | head -1)
     [ -n "$sdist" ] || { echo "no $2 in $DEPS: run benchmarks/gpu/fetch_deps.sh first"; return 2; }
     dir="$WORK/src/$(basename "$sdist" .tar.gz)"
-    rm -rf "$dir" && tar xzf "$sdist" -C "$WORK/src" && "$PY" "$REPO/benchmarks/gpu/patch_sources.py" $CXX_STD "$dir" || return 2
+    rm -rf "$dir" && tar xzf "$sdist" -C "$WORK/src" && "$PY" "$REPO/benchmarks/gpu/patch_sources.py" $PATCH_ARGS "$dir" || return 2
     cd "$dir" && MAX_JOBS=$3 MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
         "$PY" -m pip wheel -v --no-deps --no-build-isolation --no-index -w "$WORK/wheels" .
 }
 # torch >= 2.14's headers require C++20, and mamba-ssm's setup.py pins C++17 (patch_sources.py).
 CXX_STD=$("$PY" -c 'import pathlib, torch.utils.cpp_extension as c
 print("--cxx-std 20" if "C++20 or later" in (pathlib.Path(c.include_paths()[0]) / "ATen" / "ATen.h").read_text() else "")' 2>/dev/null)
-export WORK REPO DEPS PY CXX_STD
+PATCH_ARGS="$CXX_STD$([ "$TRIM" = 1 ] && echo ' --trim')"
+export WORK REPO DEPS PY PATCH_ARGS
 BUILD_START=$(date +%s)
 # 4 compile units in causal-conv1d and 11 in mamba-ssm: all of them at once on a 16-core machine
 # (CHECK_MAX_JOBS caps both, for a smaller machine).
@@ -99,9 +107,13 @@ JOBS=${CHECK_MAX_JOBS:-11}
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rs --timeout=240 tests/gpu)
 "$PY" -c "import pytest_timeout" 2>/dev/null || PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rs tests/gpu)
 t=$(date +%s)
-echo "### tests/gpu -k 'not kernels' (during the build)" >> "$OUT/tests.log"
-OMP_NUM_THREADS=4 timeout --kill-after=10 $(( BUILD_S - $(elapsed) + 30 )) "${PYTEST[@]}" -k "not kernels" >> "$OUT/tests.log" 2>&1
-rc=$?; record "tests without kernels" "$(outcome $rc)" $(( $(date +%s) - t )) "$(tail -1 "$OUT/tests.log")"
+if [ "$TESTS_WITHOUT_KERNELS" = 1 ]; then
+    echo "### tests/gpu -k 'not kernels' (during the build)" >> "$OUT/tests.log"
+    OMP_NUM_THREADS=4 timeout --kill-after=10 $(( BUILD_S - $(elapsed) + 30 )) "${PYTEST[@]}" -k "not kernels" >> "$OUT/tests.log" 2>&1
+    rc=$?; record "tests without kernels" "$(outcome $rc)" $(( $(date +%s) - t )) "$(tail -1 "$OUT/tests.log")"
+else
+    record "tests without kernels" skipped 0 "CHECK_TESTS_WITHOUT_KERNELS=0"
+fi
 
 # ---------------------------------------------------------------- 3. the kernels: finish, install, test
 wait
@@ -123,7 +135,8 @@ record "install kernels" "$([[ $KERNELS == "kernels=True fused=True" ]] && echo 
 if [[ $KERNELS == kernels=True* ]]; then
     t=$(date +%s)
     echo "### tests/gpu -k kernels" >> "$OUT/tests.log"
-    timeout --kill-after=10 $(( $(left) > 270 ? 150 : ($(left) > 150 ? $(left) - 120 : 30) )) "${PYTEST[@]}" -k kernels >> "$OUT/tests.log" 2>&1
+    # At most 150 s, and 90 s kept for the benchmarks.
+    timeout --kill-after=10 $(( $(left) > 240 ? 150 : ($(left) > 120 ? $(left) - 90 : 30) )) "${PYTEST[@]}" -k kernels >> "$OUT/tests.log" 2>&1
     rc=$?; record "tests with kernels" "$(outcome $rc)" $(( $(date +%s) - t )) "$(tail -1 "$OUT/tests.log")"
 else
     record "tests with kernels" skipped 0 "no kernels"
@@ -136,7 +149,7 @@ if [ "$bench_s" -gt 30 ]; then
     # The script stops starting cases at --budget-s and writes its results after every case;
     # timeout is the backstop for one case that runs long.
     cases_s=$(( bench_s > 120 ? bench_s - 60 : bench_s / 2 ))  # the rest: the case in progress at the end
-    timeout --kill-after=5 "$bench_s" "$PY" benchmarks/gpu/bench_gpu.py --out "$OUT" --budget-s "$cases_s" \
+    timeout --kill-after=5 "$bench_s" "$PY" benchmarks/gpu/bench_gpu.py --out "$OUT" --budget-s "$cases_s" ${CHECK_BENCH_ARGS:-} \
         > "$OUT/bench.log" 2>&1
     rc=$?; record "bench_gpu.py" "$(outcome $rc)" $(( $(date +%s) - t )) "new cases for $cases_s s"
 else

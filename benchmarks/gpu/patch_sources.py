@@ -18,6 +18,12 @@ rather than building for an hour), and one on request:
   (`#error C++20 or later compatible compiler is required to use ATen`; state-spaces/mamba PR
   #1000 proposes the same bump upstream). check.sh asks for it when the installed torch's ATen.h
   says so; torch 2.11, on the GPU machine today, builds with the pinned C++17.
+* --trim: compile only the kernels ms_temba calls. Measured on the H200 machine, the full build for
+  sm_90a alone took over 330 s (causal-conv1d's backward unit instantiates 18 dtype pairs; each
+  selective-scan unit 16-32 flag variants). ms_temba feeds fp32 or bf16 activations with fp32
+  weights, real A, per-step B and C and softplus on delta, so --trim keeps the <float|bf16, float>
+  instantiations and pins kIsVariableB, kIsVariableC and kDeltaSoftplus to true. Any other call
+  fails with a clear error (TORCH_CHECK / AT_ERROR) rather than running a missing kernel.
 
 Standard library only: it runs on the GPU machine before anything is installed.
 """
@@ -65,10 +71,66 @@ def patch_mamba_init(init_py: Path) -> int:
     return count
 
 
+# A `template void name<input, weight>(...);` explicit instantiation line.
+INSTANTIATION = re.compile(r"^template void (?P<name>\w+)<(?P<input>[\w:]+), ?(?P<weight>[\w:]+)>\(.*\);[ \t]*$",
+                           re.MULTILINE)
+# The body of a dtype-dispatch branch: `using input_t = at::Half; \` then `__VA_ARGS__(); \`.
+DISPATCH_BRANCH = r"(using (?:input_t|weight_t) = {type};[ \t]*\\\n[ \t]*)__VA_ARGS__\(\);"
+TRIMMED_FLAGS = ("is_variable_B", "is_variable_C", "delta_softplus")
+TRUE_ONLY_SWITCH = """
+// ms-temba --trim: a flag ms_temba always sets compiles its true case only.
+#define TRUE_ONLY_SWITCH(COND, CONST_NAME, ...)                                                   \\
+    [&] {                                                                                        \\
+        TORCH_CHECK(COND, #COND " is false: this build (ms-temba --trim) has the true case only"); \\
+        constexpr bool CONST_NAME = true;                                                        \\
+        return __VA_ARGS__();                                                                    \\
+    }()
+"""
+
+
+def _kept(match: re.Match) -> bool:
+    """ms_temba's dtypes: fp32 or bf16 activations, fp32 weights (real A)."""
+    return match["input"] in ("float", "at::BFloat16") and match["weight"] == "float"
+
+
+def trim_kernels(directory: Path) -> int:
+    """Keep the instantiations and flag variants ms_temba calls (see --trim); returns the edits."""
+    edits = 0
+    for cu in sorted(directory.glob("csrc/**/*.cu")):
+        text = cu.read_text()
+        trimmed, count = INSTANTIATION.subn(lambda m: m[0] if _kept(m) else f"// ms-temba --trim: {m[0]}", text)
+        edits += count - len([m for m in INSTANTIATION.finditer(text) if _kept(m)])
+        cu.write_text(trimmed)
+    for cpp in sorted(directory.glob("csrc/**/*.cpp")):
+        text = cpp.read_text()
+        for dtype, role in (("at::Half", "input_t"), ("at::Half", "weight_t"), ("at::BFloat16", "weight_t"),
+                            ("c10::complex<float>", "weight_t")):
+            pattern = DISPATCH_BRANCH.replace("(?:input_t|weight_t)", role).format(type=re.escape(dtype))
+            text, count = re.subn(pattern, lambda m: m[1] + 'AT_ERROR(#NAME, " not built for this dtype (ms-temba --trim)");',
+                                  text)
+            edits += count
+        cpp.write_text(text)
+    for cuh in sorted(directory.glob("csrc/**/selective_scan_*_kernel.cuh")):
+        text = cuh.read_text()
+        for flag in TRIMMED_FLAGS:
+            text, count = re.subn(rf"BOOL_SWITCH\((params\.{flag}),", r"TRUE_ONLY_SWITCH(\1,", text)
+            edits += count
+        cuh.write_text(text)
+    for switch_h in sorted(directory.glob("csrc/**/static_switch.h")):
+        if "selective_scan" in str(switch_h):
+            switch_h.write_text(switch_h.read_text() + TRUE_ONLY_SWITCH)
+    if edits == 0:
+        raise SystemExit(f"patch_sources: --trim changed nothing under {directory}; check the layout by hand")
+    return edits
+
+
 def main(arguments: list[str]) -> None:
-    standard = None
-    if arguments[:1] == ["--cxx-std"]:
-        standard, arguments = arguments[1], arguments[2:]
+    standard, trim = None, False
+    while arguments[:1] in (["--cxx-std"], ["--trim"]):
+        if arguments[0] == "--trim":
+            trim, arguments = True, arguments[1:]
+        else:
+            standard, arguments = arguments[1], arguments[2:]
     if not arguments:
         raise SystemExit(__doc__.strip().splitlines()[2])
     for directory in map(Path, arguments):
@@ -78,6 +140,8 @@ def main(arguments: list[str]) -> None:
         print(f"{setup_py}: {patch_setup(setup_py)} -gencode lines removed")
         if standard:
             print(f"{setup_py}: {patch_cxx_standard(setup_py, standard)} -std=c++17 flags made c++{standard}")
+        if trim:
+            print(f"{directory}: {trim_kernels(directory)} kernel instantiations / switches trimmed")
         init_py = directory / "mamba_ssm" / "__init__.py"
         if init_py.is_file():
             print(f"{init_py}: {patch_mamba_init(init_py)} imports made optional")
