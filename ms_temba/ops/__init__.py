@@ -148,16 +148,8 @@ def selective_scan(
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and USE_CUDA_KERNELS and _cuda_selective_scan is not None:
-        if not reverse:
-            return _cuda_selective_scan(
-                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
-            )
-        flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
-        result = _cuda_selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z),
-                                      delta_bias, delta_softplus, return_last_state)
-        if return_last_state:
-            return result[0].flip(-1), result[1]
-        return result.flip(-1)
+        return _kernel_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      return_last_state, reverse)
     chunk_length = SCAN_CHUNK_LENGTH if chunk_length is None else int(chunk_length)
     if chunk_length < 1:
         raise ValueError(f"selective_scan: chunk_length must be >= 1, got {chunk_length}")
@@ -226,6 +218,27 @@ def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _kernel_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                           reverse):
+    """mamba_ssm's kernel, reversed by flipping time. Keywords throughout: the packages' signatures
+    gain parameters between releases."""
+    flip = (lambda t: None if t is None else t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+    result = _cuda_selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D=D, z=flip(z),
+                                  delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                  return_last_state=return_last_state)
+    if return_last_state:
+        return flip(result[0]), result[1]
+    return flip(result)
+
+
+def _kernel_causal_conv1d(x, weight, bias, activation, reverse):
+    """causal_conv1d's kernel, reversed by flipping time. `activation` must be a keyword: since
+    causal-conv1d 1.1 the fourth positional parameter is `seq_idx` (found on the H200 machine)."""
+    if reverse:
+        return _cuda_causal_conv1d(x.flip(-1), weight, bias=bias, activation=activation).flip(-1)
+    return _cuda_causal_conv1d(x, weight, bias=bias, activation=activation)
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -261,9 +274,7 @@ def causal_conv1d(
         raise ValueError(f"causal_conv1d: bias must be (dim={dim},), got shape "
                          f"{tuple(bias.shape)}")
     if x.is_cuda and USE_CUDA_KERNELS and _cuda_causal_conv1d is not None:
-        if reverse:
-            return _cuda_causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
-        return _cuda_causal_conv1d(x, weight, bias, activation)
+        return _kernel_causal_conv1d(x, weight, bias, activation, reverse)
     padding = (weight.shape[1] - 1, 0)
     if reverse:  # out[t] = sum_k weight[k] x[t + width - 1 - k]: the reversed kernel, padded after
         weight, padding = weight.flip(-1), padding[::-1]
