@@ -54,7 +54,9 @@ SEED = 17
 MARKER = "MS_TEMBA_FAULT_RUN"  # in the environment of every process a run starts
 POLL_S = 0.002  # a temporary file of a checkpoint or shard write lives for 10-40 ms
 RUN_TIMEOUT_S = 300
-ORPHANS_EXIT_S = 30  # Ray workers exit ~2 s after their raylet dies
+# Ray workers exit ~2 s after their raylet dies; on a loaded 2-core CI box one Python process of a
+# killed `predict --ray` was once still there after 30 s (and gone in every rerun).
+ORPHANS_EXIT_S = 90
 # What libraries keep in TMPDIR by design, across runs: Ray's session folders, torch's compile cache.
 LIBRARY_CACHES = ("ray", "torchinductor_")
 NUM_CLASSES, EPOCHS = 8, 12
@@ -104,6 +106,14 @@ def marked_processes(token: str) -> list[psutil.Process]:
         except psutil.Error:  # gone, a zombie, or another user's
             continue
     return found
+
+
+def describe(process: psutil.Process) -> str:
+    """pid, status and command line: which of Ray's processes (worker, dashboard, agent) it is."""
+    try:
+        return f"{process.pid} {process.status()}: {' '.join(process.cmdline())[:300]}"
+    except psutil.Error:
+        return f"{process.pid} (gone)"
 
 
 def outside_group(processes: list[psutil.Process], group: int) -> list[str]:
@@ -179,7 +189,8 @@ def run_command(command: list[str], watch: list[Path], log_path: Path, point: Ki
         # A run that ended has shut its Ray cluster down; in a killed one, the Ray workers (each in
         # a session of its own, out of reach of the group's SIGKILL) exit when they lose the raylet.
         alive = await_exit(token, ORPHANS_EXIT_S)
-        assert not alive, f"processes of {command[2:4]} still alive {ORPHANS_EXIT_S} s after it: {alive}"
+        assert not alive, (f"processes of {command[2:4]} still alive {ORPHANS_EXIT_S} s after it: "
+                           f"{[describe(process) for process in alive]}")
         junk = sorted(p.name for p in scratch.iterdir() if not p.name.startswith(LIBRARY_CACHES))
         assert not junk, f"temporary files left in TMPDIR by {command[2:4]}: {junk}"
     finally:
