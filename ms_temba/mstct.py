@@ -29,6 +29,8 @@ Differences from the official code, none of which changes a padding-free forward
   are zeroed before every convolution, masked out of the attention keys, and each sequence is
   upsampled from its own length, so a real frame's outputs do not depend on the padding;
 - attention runs through `F.scaled_dot_product_attention` (same arithmetic, less memory);
+  `attention="explicit"` computes it as the official code does, with the (time x time) matrix
+  in memory: the official implementation's cost, for benchmarks (benchmarks/bench_model.py);
 - `Temporal_Mixer.linear4` exists (it is in the checkpoints) but, as in the official forward, is
   never used.
 """
@@ -64,6 +66,9 @@ class MSTCTConfig:
     mlp_ratio: int = 8
     embedding_dim: int = 512  # final_embedding_dim
     dropout: float = 0.5  # on the input features and before linear_pred (nn.Dropout() officially)
+    # "sdpa": F.scaled_dot_product_attention, memory-efficient; "explicit": softmax(q k^T / sqrt(d)) v
+    # with the whole (time x time) matrix, as the official code computes it. Equal outputs.
+    attention: str = "sdpa"
 
     def __post_init__(self):
         for key in ("in_dim", "num_classes", "num_block", "num_heads", "mlp_ratio", "embedding_dim"):
@@ -80,6 +85,11 @@ class MSTCTConfig:
         if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
             raise ConfigFieldError("MSTCTConfig", "dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigFieldError("MSTCTConfig", "attention", f"must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+
+ATTENTION_MODES = ("sdpa", "explicit")
 
 
 def _positive_int(key: str, value) -> int:
@@ -120,9 +130,10 @@ class Local_Relational_Block(nn.Module):
 class Global_Relational_Block(nn.Module):
     """Multi-head self-attention over the whole sequence (queries and keys/values projections)."""
 
-    def __init__(self, width: int, num_heads: int):
+    def __init__(self, width: int, num_heads: int, explicit: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.explicit = explicit
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
@@ -133,17 +144,22 @@ class Global_Relational_Block(nn.Module):
         q = self.q(x).reshape(batch, length, heads, width // heads).transpose(1, 2)
         k, v = self.kv(x).reshape(batch, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
         # (batch, 1, 1, keys): padded frames are never attended to.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        keys = mask[:, None, None, :]
+        if self.explicit:
+            scores = (q @ k.transpose(-2, -1)) * (width // heads) ** -0.5
+            out = scores.masked_fill(~keys, float("-inf")).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
 class GLRBlock(nn.Module):
     """Global-Local Relational block: pre-norm attention, then pre-norm local feed-forward."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: int):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: int, explicit_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.Global_Relational_Block = Global_Relational_Block(width, num_heads)
+        self.Global_Relational_Block = Global_Relational_Block(width, num_heads, explicit_attention)
         self.norm2 = nn.LayerNorm(width)
         self.Local_Relational_Block = Local_Relational_Block(width, width * mlp_ratio)
 
@@ -174,7 +190,8 @@ class TemporalEncoder(nn.Module):
             self.add_module(f"Temporal_Merging_Block{s}",
                             Temporal_Merging_Block(previous, width, stride=1 if s == 1 else 2))
             self.add_module(f"block{s}", nn.ModuleList(
-                [GLRBlock(width, config.num_heads, config.mlp_ratio) for _ in range(config.num_block)]))
+                [GLRBlock(width, config.num_heads, config.mlp_ratio, config.attention == "explicit")
+                 for _ in range(config.num_block)]))
             self.add_module(f"norm{s}", nn.LayerNorm(width))
             previous = width
 

@@ -98,9 +98,10 @@ def official_forward(state: dict, x: torch.Tensor, num_heads: int, num_block: in
     return logits.permute(0, 2, 1), heatmap
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("length", [1, 7, 16, 37])
-def test_ms_tct_forward_matches_the_official_forward(length):
-    model = seeded(ms_temba.create_model("ms_tct_small", **SMALL_TCT), seed=length)
+def test_ms_tct_forward_matches_the_official_forward(length, attention):
+    model = seeded(ms_temba.create_model("ms_tct_small", **SMALL_TCT, attention=attention), seed=length)
     features = torch.randn(2, length, SMALL_TCT["in_dim"], generator=torch.Generator().manual_seed(1))
     logits, heatmap = official_forward(model.state_dict(), features.transpose(1, 2), num_heads=4, num_block=2)
     got = model.double()(features.double())
@@ -110,6 +111,7 @@ def test_ms_tct_forward_matches_the_official_forward(length):
 
 @pytest.mark.parametrize("name, kwargs", [
     ("ms_tct_small", SMALL_TCT),
+    ("ms_tct_small", {**SMALL_TCT, "attention": "explicit"}),
     ("mstcn", dict(in_dim=12, num_classes=5, num_stages=3, num_layers=4, channels=8)),
     ("mlp", dict(in_dim=12, num_classes=5, hidden=16)),
 ])
@@ -160,6 +162,8 @@ def test_bad_configs_and_inputs_name_the_problem():
         ms_temba.create_model("ms_tct", widths=(10, 20, 30, 40), num_heads=8)
     with pytest.raises(ValueError, match="4 stages"):
         ms_temba.create_model("ms_tct", widths=(8, 16))
+    with pytest.raises(ValueError, match="MSTCTConfig.attention"):
+        ms_temba.create_model("ms_tct", attention="flash")
     with pytest.raises(ValueError, match="MSTCNConfig.num_layers"):
         ms_temba.create_model("mstcn", num_layers=0)
     with pytest.raises(ValueError, match="unknown FrameMLPConfig key"):
