@@ -35,6 +35,7 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -321,7 +322,8 @@ def main(argv=None) -> None:
     rows_spec = [(model, list(common)) for model in args.models]
     for spec in args.rows:
         model, _, extra = spec.partition(":")
-        rows_spec.append((model, [o for o in extra.split(",") if o] + common))
+        # Commas separate overrides, except inside a list value: widths=[128,192,256].
+        rows_spec.append((model, [o for o in re.split(r",(?![^\[]*\])", extra) if o] + common))
 
     results = []
     for dataset in args.datasets:
