@@ -46,6 +46,11 @@ def depthwise_conv1d(
     return _DepthwiseConv1d.apply(x, weight, bias, dilation, pad_before, pad_after, bool(silu))
 
 
+# Time steps per block of the weight gradient's products: a (batch, dim, 256) buffer stays in the
+# CPU caches and is reused, where the product over the whole sequence is a sequence-long temporary.
+_PRODUCT_STEPS = 256
+
+
 class _DepthwiseConv1d(torch.autograd.Function):
     """out[:, d, t] = bias[d] + sum_k weight[d, k] x[:, d, t + k dilation - pad_before], one
     `addcmul_` per tap over the part of the sequence where the tap reads inside x (the padding
@@ -75,13 +80,22 @@ class _DepthwiseConv1d(torch.autograd.Function):
         return x.new_empty(batch, dim, length)
 
     @staticmethod
+    def tap_columns(weight):
+        """weight (dim, width) as `width` contiguous (dim, 1) columns. weight[:, tap, None] steps
+        through memory by `width` along the channels, which are the innermost axis of a time-major
+        x: the multiply-adds then do not vectorise (1.0 ms against 0.12 ms a tap at dim 512,
+        length 2500)."""
+        return weight.t().contiguous().unsqueeze(-1)
+
+    @staticmethod
     def taps(x, weight, bias, windows, out_length):
         out = _DepthwiseConv1d.empty_like_layout(x, out_length)
+        columns = _DepthwiseConv1d.tap_columns(weight)
         # A fresh buffer, not bias.expand(...).contiguous(): that can return the bias itself (an
         # expanded (1, dim, 1) counts as contiguous), and addcmul_ would then write into it.
         out.copy_(bias[:, None]) if bias is not None else out.zero_()
         for tap, out_window, x_window in windows:
-            out[..., out_window].addcmul_(x[..., x_window], weight[:, tap, None])
+            out[..., out_window].addcmul_(x[..., x_window], columns[tap])
         return out
 
     @staticmethod
@@ -108,9 +122,19 @@ class _DepthwiseConv1d(torch.autograd.Function):
                         .mul_(sigmoid).mul_(grad_out))
         grad_x = _DepthwiseConv1d.empty_like_layout(x, x.shape[-1]).zero_()
         grad_weight = torch.zeros_like(weight)
+        product = _DepthwiseConv1d.empty_like_layout(x, min(_PRODUCT_STEPS, out_length))
+        columns = _DepthwiseConv1d.tap_columns(weight)
         for tap, out_window, x_window in windows:
-            grad_x[..., x_window].addcmul_(grad_out[..., out_window], weight[:, tap, None])
-            grad_weight[:, tap] = torch.einsum("bdt,bdt->d", grad_out[..., out_window],
-                                               x[..., x_window])
+            grad_x[..., x_window].addcmul_(grad_out[..., out_window], columns[tap])
+            # The sum over batch and time of grad_out * x, a block of time steps at a time.
+            # einsum("bdt,bdt->d") makes it a bmm over the channels, which copies each channel's
+            # vectors when they are strided (a time-major x): 18 ms a tap at dim 512, length 2500,
+            # against 0.9 ms here.
+            shift = x_window.start - out_window.start
+            for start in range(out_window.start, out_window.stop, _PRODUCT_STEPS):
+                stop = min(start + _PRODUCT_STEPS, out_window.stop)
+                block = torch.mul(grad_out[..., start:stop], x[..., start + shift:stop + shift],
+                                  out=product[..., :stop - start])
+                grad_weight[:, tap] += block.sum(dim=(0, 2))
         grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
