@@ -74,8 +74,10 @@ def patch_mamba_init(init_py: Path) -> int:
 # A `template void name<input, weight>(...);` explicit instantiation line.
 INSTANTIATION = re.compile(r"^template void (?P<name>\w+)<(?P<input>[\w:]+), ?(?P<weight>[\w:]+)>\(.*\);[ \t]*$",
                            re.MULTILINE)
-# The body of a dtype-dispatch branch: `using input_t = at::Half; \` then `__VA_ARGS__(); \`.
-DISPATCH_BRANCH = r"(using (?:input_t|weight_t) = {type};[ \t]*\\\n[ \t]*)__VA_ARGS__\(\);"
+# The dtype-dispatch branches of the .cpp files that --trim turns into errors: in each, the line
+# `using <role> = <type>; \` followed by `__VA_ARGS__(); \`.
+TRIMMED_BRANCHES = (("input_t", "at::Half"), ("weight_t", "at::Half"), ("weight_t", "at::BFloat16"),
+                    ("weight_t", "c10::complex<float>"))
 TRIMMED_FLAGS = ("is_variable_B", "is_variable_C", "delta_softplus")
 TRUE_ONLY_SWITCH = """
 // ms-temba --trim: a flag ms_temba always sets compiles its true case only.
@@ -98,27 +100,25 @@ def trim_kernels(directory: Path) -> int:
     edits = 0
     for cu in sorted(directory.glob("csrc/**/*.cu")):
         text = cu.read_text()
-        trimmed, count = INSTANTIATION.subn(lambda m: m[0] if _kept(m) else f"// ms-temba --trim: {m[0]}", text)
-        edits += count - len([m for m in INSTANTIATION.finditer(text) if _kept(m)])
-        cu.write_text(trimmed)
+        edits += sum(not _kept(m) for m in INSTANTIATION.finditer(text))
+        cu.write_text(INSTANTIATION.sub(lambda m: m[0] if _kept(m) else f"// ms-temba --trim: {m[0]}", text))
     for cpp in sorted(directory.glob("csrc/**/*.cpp")):
         text = cpp.read_text()
-        for dtype, role in (("at::Half", "input_t"), ("at::Half", "weight_t"), ("at::BFloat16", "weight_t"),
-                            ("c10::complex<float>", "weight_t")):
-            pattern = DISPATCH_BRANCH.replace("(?:input_t|weight_t)", role).format(type=re.escape(dtype))
-            text, count = re.subn(pattern, lambda m: m[1] + 'AT_ERROR(#NAME, " not built for this dtype (ms-temba --trim)");',
-                                  text)
+        for role, dtype in TRIMMED_BRANCHES:
+            branch = rf"(using {role} = {re.escape(dtype)};[ \t]*\\\n[ \t]*)__VA_ARGS__\(\);"
+            text, count = re.subn(branch, r'\1AT_ERROR(#NAME, " not built for this dtype (ms-temba --trim)");', text)
             edits += count
         cpp.write_text(text)
-    for cuh in sorted(directory.glob("csrc/**/selective_scan_*_kernel.cuh")):
+    scan_sources = directory / "csrc" / "selective_scan"
+    for cuh in sorted(scan_sources.glob("selective_scan_*_kernel.cuh")):
         text = cuh.read_text()
         for flag in TRIMMED_FLAGS:
             text, count = re.subn(rf"BOOL_SWITCH\((params\.{flag}),", r"TRUE_ONLY_SWITCH(\1,", text)
             edits += count
         cuh.write_text(text)
-    for switch_h in sorted(directory.glob("csrc/**/static_switch.h")):
-        if "selective_scan" in str(switch_h):
-            switch_h.write_text(switch_h.read_text() + TRUE_ONLY_SWITCH)
+    switch_h = scan_sources / "static_switch.h"
+    if switch_h.is_file():
+        switch_h.write_text(switch_h.read_text() + TRUE_ONLY_SWITCH)
     if edits == 0:
         raise SystemExit(f"patch_sources: --trim changed nothing under {directory}; check the layout by hand")
     return edits

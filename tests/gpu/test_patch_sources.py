@@ -78,3 +78,76 @@ def test_mamba_init_imports_become_optional(tmp_path):
     text = init_py.read_text().replace("from mamba_ssm.ops.selective_scan_interface import", "# ")
     text = text.replace("from mamba_ssm.modules.mamba_simple import Mamba", "")
     exec(compile(text, "__init__.py", "exec"), {})
+
+
+# --trim, on excerpts of the files it edits (mamba-ssm 2.3.2.post1 / causal-conv1d 1.7.0, verbatim
+# but for the lines left out between them).
+DISPATCH_EXCERPT = textwrap.dedent('''\
+    #define DISPATCH_ITYPE_FLOAT_AND_HALF_AND_BF16(ITYPE, NAME, ...)                    \\
+        if (ITYPE == at::ScalarType::Half) {                                            \\
+            using input_t = at::Half;                                                   \\
+            __VA_ARGS__();                                                              \\
+        } else if (ITYPE == at::ScalarType::BFloat16) {                                 \\
+            using input_t = at::BFloat16;                                               \\
+            __VA_ARGS__();                                                              \\
+        } else if (ITYPE == at::ScalarType::Float)  {                                   \\
+            using input_t = float;                                                      \\
+            __VA_ARGS__();                                                              \\
+        } else {                                                                        \\
+            AT_ERROR(#NAME, " not implemented for input type '", toString(ITYPE), "'"); \\
+        }
+
+    #define DISPATCH_WTYPE_FLOAT_AND_COMPLEX(WTYPE, NAME, ...)                           \\
+        if (WTYPE == at::ScalarType::Float) {                                            \\
+           using weight_t = float;                                                       \\
+            __VA_ARGS__();                                                               \\
+        } else if (WTYPE == at::ScalarType::ComplexFloat) {                              \\
+            using weight_t = c10::complex<float>;                                        \\
+            __VA_ARGS__();                                                               \\
+        } else {                                                                         \\
+            AT_ERROR(#NAME, " not implemented for weight type '", toString(WTYPE), "'"); \\
+        }
+    ''')
+INSTANTIATIONS = textwrap.dedent('''\
+    template void selective_scan_fwd_cuda<float, float>(SSMParamsBase &params, cudaStream_t stream);
+    template void selective_scan_fwd_cuda<float, complex_t>(SSMParamsBase &params, cudaStream_t stream);
+    template void causal_conv1d_bwd_cuda<at::BFloat16, float>(ConvParamsBwd &params, cudaStream_t stream);
+    template void causal_conv1d_bwd_cuda<at::Half, float>(ConvParamsBwd &params, cudaStream_t stream);
+    template void causal_conv1d_bwd_cuda<at::BFloat16, at::BFloat16>(ConvParamsBwd &params, cudaStream_t stream);
+    ''')
+SWITCHES = textwrap.dedent('''\
+        BOOL_SWITCH(params.seqlen % (kNThreads * kNItems) == 0, kIsEvenLen, [&] {
+            BOOL_SWITCH(params.is_variable_B, kIsVariableB, [&] {
+                BOOL_SWITCH(params.is_variable_C, kIsVariableC, [&] {
+                    BOOL_SWITCH(params.delta_softplus, kDeltaSoftplus, [&] {
+    ''')
+
+
+def test_trim_keeps_what_ms_temba_calls_and_makes_the_rest_an_error(tmp_path):
+    scan = tmp_path / "csrc" / "selective_scan"
+    scan.mkdir(parents=True)
+    (scan / "selective_scan.cpp").write_text(DISPATCH_EXCERPT)
+    (scan / "selective_scan_fwd.cu").write_text(INSTANTIATIONS)
+    (scan / "selective_scan_bwd_kernel.cuh").write_text(SWITCHES)
+    (scan / "static_switch.h").write_text("#pragma once\n")
+
+    # 2 dispatch branches (Half input, complex weight), 3 instantiations, 3 switches.
+    assert patch_sources.trim_kernels(tmp_path) == 8
+
+    cpp = (scan / "selective_scan.cpp").read_text()
+    assert cpp.count("__VA_ARGS__();") == 3  # float and bf16 input, float weight
+    assert cpp.count('" not built for this dtype (ms-temba --trim)");') == 2
+    kept = [line for line in (scan / "selective_scan_fwd.cu").read_text().splitlines()
+            if line.startswith("template void")]
+    assert kept == ["template void selective_scan_fwd_cuda<float, float>(SSMParamsBase &params, cudaStream_t stream);",
+                    "template void causal_conv1d_bwd_cuda<at::BFloat16, float>(ConvParamsBwd &params, cudaStream_t stream);"]
+    switches = (scan / "selective_scan_bwd_kernel.cuh").read_text()
+    assert switches.count("TRUE_ONLY_SWITCH(") == 3 and "BOOL_SWITCH(params.seqlen" in switches
+    assert "#define TRUE_ONLY_SWITCH(COND, CONST_NAME, ...)" in (scan / "static_switch.h").read_text()
+
+
+def test_trim_that_finds_nothing_stops(tmp_path):
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "other.cu").write_text("// nothing to trim\n")
+    with pytest.raises(SystemExit, match="changed nothing"):
+        patch_sources.trim_kernels(tmp_path)
