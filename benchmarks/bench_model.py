@@ -25,6 +25,7 @@ The workers import `ms_temba` only: not `pipelines`, whose process set-up tunes 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -137,8 +138,8 @@ def verdict(value: float, target: float) -> str:
 
 def print_ratios(rows: dict) -> None:
     """Ours against each MS-TCT, per length, then our growth from T=2500 to T=10000."""
-    pairs = [(label, baseline) for label in ("ms_temba", "ms_temba_ckpt") for baseline in BASELINES]
-    for (label, baseline), (length, row) in ((pair, item) for pair in pairs for item in rows.items()):
+    for label, baseline, (length, row) in itertools.product(("ms_temba", "ms_temba_ckpt"), BASELINES,
+                                                            rows.items()):
         ours, tct = row.get((label, "fwd_bwd"), {}), row.get((baseline, "fwd_bwd"), {})
         if "time_s" not in ours or "time_s" not in tct:
             continue

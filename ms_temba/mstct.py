@@ -53,6 +53,9 @@ from ms_temba.registry import register_model
 __all__ = ["MSTCTConfig", "MSTCT", "MSTCTOutput"]
 
 
+ATTENTION_MODES = ("sdpa", "explicit")
+
+
 @dataclasses.dataclass
 class MSTCTConfig:
     """The official `MSTCT(inter_channels, num_block, head, mlp_ratio, in_feat_dim,
@@ -87,9 +90,6 @@ class MSTCTConfig:
         self.dropout = float(self.dropout)
         if self.attention not in ATTENTION_MODES:
             raise ConfigFieldError("MSTCTConfig", "attention", f"must be one of {ATTENTION_MODES}, got {self.attention!r}")
-
-
-ATTENTION_MODES = ("sdpa", "explicit")
 
 
 def _positive_int(key: str, value) -> int:
