@@ -119,9 +119,9 @@ class ModelParams:
 
         # The registry also holds image models (Vim, for extractor=vim); the pipeline trains only
         # models over feature sequences.
-        temporal = tuple(name for name in ms_temba.list_models()
-                         if not issubclass(model_class(name), ms_temba.VisionMamba))
-        if self.name in ms_temba.list_models() and self.name not in temporal:
+        registered = ms_temba.list_models()
+        temporal = tuple(name for name in registered if not issubclass(model_class(name), ms_temba.VisionMamba))
+        if self.name in registered and self.name not in temporal:
             raise ConfigError("model.name", f"{self.name!r} is an image model (Vim; extractor=vim uses it to make "
                                             f"features, `ms-temba train-vim` trains it); the pipeline trains a "
                                             f"temporal model: one of {', '.join(map(repr, temporal))}")
