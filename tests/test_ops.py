@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ms_temba import ops
 
@@ -195,6 +196,55 @@ def test_non_contiguous_inputs():
                       else v) for k, v in inputs.items()}
     assert not transposed["u"].is_contiguous()
     check_against_reference(transposed, delta_softplus=True)
+
+
+def two_step_scan(project, x, weights, **kwargs):
+    """What `ops.projected_selective_scan` stands for, written out: (out, C)."""
+    u, delta, B, C = project(x, *weights)
+    return ops.selective_scan(u, delta, B=B, C=C, **kwargs), C
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("grad_of", ["out and C", "C only"])
+@pytest.mark.usefixtures("scan_path")
+def test_projected_scan_matches_the_two_steps(reverse, grad_of):
+    # The projection is recomputed in the backward instead of keeping u and delta: the values and
+    # every gradient (x, the projection's weights, A, D, z, delta_bias) must be those of
+    # projecting, then scanning, with autograd through both, in float64.
+    batch, dim, state, length = 2, 6, 3, 40
+    g = torch.Generator().manual_seed(7)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    x, z = randn(batch, dim, length), randn(batch, dim, length)
+    weights = (randn(dim, 4, scale=0.5), randn(dim), randn(1 + 2 * state, dim, scale=0.3),
+               randn(dim, 1))
+    scan = dict(A=-torch.exp(randn(dim, state, scale=0.5)), D=randn(dim), z=z,
+                delta_bias=randn(dim, scale=0.2), delta_softplus=True, reverse=reverse)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[1, 30:] = False
+
+    def project(x, conv_weight, conv_bias, proj_weight, dt_weight):
+        u = ops.causal_conv1d(x, conv_weight, conv_bias, "silu", reverse=reverse)
+        u = u.masked_fill(~mask.unsqueeze(1), 0.0)
+        dt, B, C = F.linear(u.transpose(1, 2), proj_weight).split([1, state, state], dim=-1)
+        return u, F.linear(dt, dt_weight).transpose(1, 2), B.mT.contiguous(), C.mT.contiguous()
+
+    leaves = [x, z, *weights, *(t for t in scan.values() if isinstance(t, torch.Tensor))]
+    results = []
+    for scan_function in (ops.projected_selective_scan, two_step_scan):
+        out, C = scan_function(project, x, weights, **scan)
+        loss = C.sin().sum() if grad_of == "C only" else (out.cos().sum() + C.sin().sum())
+        results.append((out, C, torch.autograd.grad(loss, leaves, allow_unused=True)))
+    (out, C, grads), (expected_out, expected_C, expected_grads) = results
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(C, expected_C, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, expected_grads):
+        if expected is None:  # z gets nothing when only C has a gradient
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_failed_extension_build_warns_and_falls_back(tmp_path):

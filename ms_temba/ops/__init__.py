@@ -37,7 +37,7 @@ import torch
 from ms_temba.ops.conv import depthwise_conv1d
 from ms_temba.ops.cpu_extension import build_cpu_scan_extension
 from ms_temba.ops.reference import ACTIVATIONS, causal_conv1d_ref, selective_scan_ref
-from ms_temba.ops.scan import SelectiveScanFunction, num_groups
+from ms_temba.ops.scan import ProjectedScanFunction, SelectiveScanFunction, num_groups
 
 __all__ = [
     "CPU_SCAN_EXTENSION",
@@ -47,6 +47,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_ref",
     "depthwise_conv1d",
+    "projected_selective_scan",
     "selective_scan",
     "selective_scan_ref",
 ]
@@ -158,6 +159,40 @@ def selective_scan(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), chunk_length, extension
     )
     return (out, last_state) if return_last_state else out
+
+
+def projected_selective_scan(
+    project,
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    reverse: bool = False,
+    chunk_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)` with
+    `(u, delta, B, C) = project(x, *weights)`; returns (out, C).
+
+    The same values and gradients as the two steps written out, but on the CPU path autograd keeps
+    x and the weights for the backward instead of u and delta, and the backward recomputes the
+    projection (`scan.ProjectedScanFunction`, mamba_ssm's `checkpoint_lvl=1`): in a Mamba block
+    that is two fewer sequence-long tensors per direction. `project` must be a differentiable
+    function of its arguments alone (it runs twice) that returns selective_scan's u, delta, B, C.
+    """
+    if x.is_cuda and USE_CUDA_KERNELS and _cuda_selective_scan is not None:
+        u, delta, B, C = project(x, *weights)  # the kernel keeps what it keeps
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                              reverse=reverse), C
+    chunk_length = SCAN_CHUNK_LENGTH if chunk_length is None else int(chunk_length)
+    if chunk_length < 1:
+        raise ValueError(f"selective_scan: chunk_length must be >= 1, got {chunk_length}")
+    extension = _cpu_scan_extension() if x.device.type == "cpu" else None
+    options = (bool(delta_softplus), bool(reverse), chunk_length, extension)
+    return ProjectedScanFunction.apply(project, options, x, z, A, D, delta_bias, *weights)
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:

@@ -62,74 +62,149 @@ class SelectiveScanFunction(torch.autograd.Function):
     scan, the elementwise work around the recurrence included (softplus, delta u, the D skip, the
     gate), is one loop that reads u, delta and z where they are and allocates nothing
     sequence-long but its outputs. Without it (None) `_forward_eager` / `_backward_eager` do the
-    same in torch ops, on time-major (length, batch, G, H) copies.
+    same in torch ops, on time-major (length, batch, G, H) copies. The work is in `scan_forward`
+    and `scan_backward`, which `ProjectedScanFunction` shares.
     """
 
     @staticmethod
     @_without_autocast
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_length, extension):
-        dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
-        batch, dim, length = u.shape
-        groups, state_size = num_groups(B), A.shape[1]
-        shape = _ScanShape(batch, dim, length, groups, state_size, reverse)
-        B_t, C_t = shape.per_state(B, dtype), shape.per_state(C, dtype)
-        A_t = shape.state_by_channel(A, dtype)
-        D, delta_bias = _flat(D, dtype), _flat(delta_bias, dtype)
-        if extension is not None:
-            out, states = extension.forward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias,
-                                            D, A_t, B_t, C_t, delta_softplus, reverse, chunk_length)
-        else:
-            out, states = _forward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
-                                         delta_softplus, chunk_length)
-        # states: the state entering each chunk (all the backward needs to recompute a chunk),
-        # then the last state.
-        initial_states = states[:-1]
-        last_state = states[-1].transpose(-1, -2).reshape(batch, dim, state_size).to(u.dtype)
+        out, last_state, kept, ctx.scan = scan_forward(u, delta, A, B, C, D, z, delta_bias,
+                                                      delta_softplus, reverse, chunk_length, extension)
         # The backward recomputes the step, delta u and y rather than keeping them: each of these
-        # sequence-long tensors is a tenth of the model's activation memory. u, delta and z are
-        # alive anyway in a Mamba block (x_proj keeps u, dt_proj's output is delta, z is a view of
-        # the in_proj output, which the conv keeps).
-        ctx.save_for_backward(u, delta, z, delta_bias, D, A_t, B_t, C_t, initial_states)
-        ctx.shape, ctx.chunk_length, ctx.delta_softplus = shape, chunk_length, delta_softplus
-        ctx.extension = extension
-        ctx.input_dtypes = [x.dtype for x in (u, delta, A, B, C)]
-        ctx.optional_dtypes = [None if x is None else x.dtype for x in (D, z, delta_bias)]
-        ctx.B_shape, ctx.C_shape = B.shape, C.shape
+        # sequence-long tensors is a tenth of the model's activation memory.
+        ctx.save_for_backward(u, delta, z, *kept)
         ctx.mark_non_differentiable(last_state)
-        return out.to(u.dtype), last_state
+        return out, last_state
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_out, _grad_last_state):
-        u, delta, z, delta_bias, D, A_t, B_t, C_t, initial_states = ctx.saved_tensors
-        shape: _ScanShape = ctx.shape
-        dtype = A_t.dtype
-        if ctx.extension is not None:
-            grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
-                ctx.extension.backward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias, D,
-                                       A_t, B_t, C_t, ctx.delta_softplus, shape.reverse,
-                                       grad_out.to(dtype), initial_states, ctx.chunk_length))
-        else:
-            grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
-                _backward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
-                                ctx.delta_softplus, grad_out, initial_states, ctx.chunk_length))
+        u, delta, z, *kept = ctx.saved_tensors
+        return (*scan_backward(ctx.scan, u, delta, z, kept, grad_out), None, None, None, None)
 
-        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype = ctx.input_dtypes
-        D_dtype, z_dtype, delta_bias_dtype = ctx.optional_dtypes
-        return (
-            grad_u.to(u_dtype),
-            grad_delta.to(delta_dtype),
-            shape.unstate_by_channel(grad_A).to(A_dtype),
-            shape.unper_state(grad_B, ctx.B_shape).to(B_dtype),
-            shape.unper_state(grad_C, ctx.C_shape).to(C_dtype),
-            None if D_dtype is None else grad_D.to(D_dtype),
-            None if z_dtype is None else grad_z.to(z_dtype),
-            None if delta_bias_dtype is None else grad_delta_bias.to(delta_bias_dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+
+class _ScanInfo:
+    """What `scan_backward` needs of a `scan_forward` call besides tensors (those go through
+    `save_for_backward`, so that checkpointing's saved-tensor hooks see them)."""
+
+    def __init__(self, shape, chunk_length, delta_softplus, extension, dtypes, optional_dtypes,
+                 B_shape, C_shape):
+        self.shape, self.chunk_length, self.delta_softplus = shape, chunk_length, delta_softplus
+        self.extension = extension
+        self.dtypes, self.optional_dtypes = dtypes, optional_dtypes  # of (u, delta, A, B, C), (D, z, delta_bias)
+        self.B_shape, self.C_shape = B_shape, C_shape
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_length,
+                 extension):
+    """The scan (`ms_temba.ops.selective_scan`'s arguments): (out in u's dtype, last state, the
+    tensors the backward keeps besides u, delta and z, a `_ScanInfo`)."""
+    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    groups, state_size = num_groups(B), A.shape[1]
+    shape = _ScanShape(batch, dim, length, groups, state_size, reverse)
+    B_t, C_t = shape.per_state(B, dtype), shape.per_state(C, dtype)
+    A_t = shape.state_by_channel(A, dtype)
+    D, delta_bias = _flat(D, dtype), _flat(delta_bias, dtype)
+    if extension is not None:
+        out, states = extension.forward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias,
+                                        D, A_t, B_t, C_t, delta_softplus, reverse, chunk_length)
+    else:
+        out, states = _forward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
+                                     delta_softplus, chunk_length)
+    # states: the state entering each chunk (all the backward needs to recompute a chunk),
+    # then the last state.
+    last_state = states[-1].transpose(-1, -2).reshape(batch, dim, state_size).to(u.dtype)
+    info = _ScanInfo(shape, chunk_length, delta_softplus, extension,
+                     [x.dtype for x in (u, delta, A, B, C)],
+                     [None if x is None else x.dtype for x in (D, z, delta_bias)], B.shape, C.shape)
+    return out.to(u.dtype), last_state, (delta_bias, D, A_t, B_t, C_t, states[:-1]), info
+
+
+def scan_backward(info: _ScanInfo, u, delta, z, kept, grad_out):
+    """The gradients of a `scan_forward` call, given its u, delta, z and kept tensors: those of
+    (u, delta, A, B, C, D, z, delta_bias), None for a D, z or delta_bias it was not given."""
+    delta_bias, D, A_t, B_t, C_t, initial_states = kept
+    shape, dtype = info.shape, A_t.dtype
+    if info.extension is not None:
+        grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
+            info.extension.backward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias, D,
+                                    A_t, B_t, C_t, info.delta_softplus, shape.reverse,
+                                    grad_out.to(dtype), initial_states, info.chunk_length))
+    else:
+        grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
+            _backward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
+                            info.delta_softplus, grad_out, initial_states, info.chunk_length))
+    u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype = info.dtypes
+    D_dtype, z_dtype, delta_bias_dtype = info.optional_dtypes
+    return (
+        grad_u.to(u_dtype),
+        grad_delta.to(delta_dtype),
+        shape.unstate_by_channel(grad_A).to(A_dtype),
+        shape.unper_state(grad_B, info.B_shape).to(B_dtype),
+        shape.unper_state(grad_C, info.C_shape).to(C_dtype),
+        None if D_dtype is None else grad_D.to(D_dtype),
+        None if z_dtype is None else grad_z.to(z_dtype),
+        None if delta_bias_dtype is None else grad_delta_bias.to(delta_bias_dtype),
+    )
+
+
+class ProjectedScanFunction(torch.autograd.Function):
+    """`selective_scan(u, delta, A, B, C, D, z, delta_bias, ...)` with `(u, delta, B, C) =
+    project(x, *weights)`, keeping x and the weights for the backward instead of u and delta, and
+    recomputing the projection there: mamba_ssm's `MambaInnerFn` with `checkpoint_lvl=1`.
+
+    In a Mamba block `project` is the causal conv and the x_proj / dt_proj products, u and delta
+    are each as large as x, and x is kept anyway (it is a view of the in_proj output, whose other
+    half z the scan needs): this drops two of the sequence-long tensors a direction keeps for the
+    backward, for the price of recomputing a conv and two thin products. The backward runs the
+    recomputed projection's own autograd graph, so `project` may be any differentiable function.
+
+    forward(project, options, x, z, A, D, delta_bias, *weights) -> (out, C), with options
+    (delta_softplus, reverse, chunk_length, extension) as `SelectiveScanFunction`'s; C is
+    returned because Mamba's callers use it, and may receive a gradient of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, project, options, x, z, A, D, delta_bias, *weights):
+        delta_softplus, reverse, chunk_length, extension = options
+        # The projection runs under the caller's autocast, as it would outside this Function, and
+        # the backward recomputes it under the same; the scan itself in fp32 (`_without_autocast`).
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        u, delta, B, C = project(x, *weights)  # forward() runs without autograd recording
+        with torch.autocast(device, enabled=False):
+            out, _, kept, ctx.scan = scan_forward(u, delta, A, B, C, D, z, delta_bias,
+                                                  delta_softplus, reverse, chunk_length, extension)
+        ctx.save_for_backward(x, z, *weights, *kept)
+        ctx.project, ctx.num_weights = project, len(weights)
+        ctx.set_materialize_grads(False)  # C often gets no gradient: no zeros for it
+        return out, C
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_C_out):
+        x, z, *rest = ctx.saved_tensors
+        weights, kept = rest[: ctx.num_weights], rest[ctx.num_weights:]
+        needs = ctx.needs_input_grad
+        inputs = [t.detach().requires_grad_(need)
+                  for t, need in zip((x, *weights), (needs[2], *needs[7:]))]
+        device, autocast_dtype, autocast_enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, autocast_dtype, autocast_enabled):
+            u, delta, B, C = ctx.project(*inputs)
+        if grad_out is None:  # only C has a gradient: the scan still sends one into B
+            grad_out = torch.zeros(u.shape, dtype=u.dtype, device=u.device)
+        with torch.autocast(device, enabled=False):
+            grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias = (
+                scan_backward(ctx.scan, u.detach(), delta.detach(), z, kept, grad_out))
+        if grad_C_out is not None:
+            grad_C = grad_C + grad_C_out
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad((u, delta, B, C), wanted,
+                                         (grad_u, grad_delta, grad_B, grad_C), allow_unused=True)
+                     if wanted else ())
+        grad_x, *grad_weights = [next(grads) if t.requires_grad else None for t in inputs]
+        return (None, None, grad_x, grad_z, grad_A, grad_D, grad_delta_bias, *grad_weights)
 
 
 def _cast(x, dtype):
