@@ -27,7 +27,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ms_temba import ops
 from ms_temba.ops import fused
@@ -183,31 +182,21 @@ class BiMamba(nn.Module):
         x, z: the halves of the in_proj output, (batch, d_inner, length).
         Returns y (batch, d_inner, length) gated by silu(z), and C (batch, length, d_state).
         """
-
-        def project(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight):
-            """The scan's inputs u, delta, B, C from x. Run again in the backward (on CPU), where
-            it is cheaper than keeping u and delta, each as large as x, for every direction."""
-            u = ops.causal_conv1d(x, conv_weight.squeeze(1), conv_bias, activation="silu",
-                                  reverse=reverse)
-            if mask is not None:
-                # The conv bias makes u nonzero at padded frames; zero it so the SSM state stays
-                # exactly zero through the (leading, for the backward scan) padding.
-                u = u.masked_fill(~mask.unsqueeze(1), 0.0)
-            # Input-dependent step size (low rank), B and C: the "selective" part of Mamba.
-            dt_low_rank, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split(
-                [self.dt_rank, self.d_state, self.d_state], dim=-1
-            )
-            delta = F.linear(dt_low_rank, dt_proj_weight).transpose(1, 2)  # bias added in the scan
-            return u, delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
-
-        y, C = ops.projected_selective_scan(
-            project,
+        # The conv (u, zeroed at padded frames, where the conv bias makes it nonzero, so that the
+        # SSM state stays exactly zero through the leading padding of the backward scan), the
+        # input-dependent step size (low rank), B and C (the "selective" part of Mamba) and the
+        # scan, as one op: on CPU it recomputes u and delta in the backward instead of keeping them.
+        y, C = ops.mamba_direction(
             x,
-            (conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight),
+            z,
+            conv1d.weight.squeeze(1),
+            conv1d.bias,
+            x_proj.weight,
+            dt_proj.weight,
             -torch.exp(_at_least_fp32(A_log)),
             _at_least_fp32(D),
-            z=z,
-            delta_bias=_at_least_fp32(dt_proj.bias),
+            delta_bias=_at_least_fp32(dt_proj.bias),  # added in the scan
+            mask=mask,
             delta_softplus=True,
             reverse=reverse,
         )

@@ -198,45 +198,44 @@ def test_non_contiguous_inputs():
     check_against_reference(transposed, delta_softplus=True)
 
 
-def two_step_scan(project, x, weights, **kwargs):
-    """What `ops.projected_selective_scan` stands for, written out: (out, C)."""
-    u, delta, B, C = project(x, *weights)
-    return ops.selective_scan(u, delta, B=B, C=C, **kwargs), C
+def written_out_direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                          delta_bias, mask, reverse):
+    """What `ops.mamba_direction` stands for, op by op: (out, C)."""
+    state = A.shape[1]
+    u = ops.causal_conv1d(x, conv_weight, conv_bias, "silu", reverse=reverse)
+    u = u.masked_fill(~mask.unsqueeze(1), 0.0)
+    dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split(
+        [dt_proj_weight.shape[1], state, state], dim=-1)
+    out = ops.selective_scan(u, F.linear(dt, dt_proj_weight).transpose(1, 2), A, B.mT.contiguous(),
+                             C.mT.contiguous(), D, z, delta_bias, delta_softplus=True,
+                             reverse=reverse)
+    return out, C.mT
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("grad_of", ["out and C", "C only"])
 @pytest.mark.usefixtures("scan_path")
-def test_projected_scan_matches_the_two_steps(reverse, grad_of):
-    # The projection is recomputed in the backward instead of keeping u and delta: the values and
-    # every gradient (x, the projection's weights, A, D, z, delta_bias) must be those of
-    # projecting, then scanning, with autograd through both, in float64.
-    batch, dim, state, length = 2, 6, 3, 40
+def test_mamba_direction_matches_the_ops_written_out(reverse, grad_of):
+    # Its own backward recomputes u and delta instead of keeping them: the values and every
+    # gradient (x, z, the conv, x_proj and dt_proj weights, A, D, delta_bias) must be those of
+    # autograd through the ops one by one, in float64, padding included.
+    batch, dim, state, length, dt_rank = 2, 6, 3, 40, 2
     g = torch.Generator().manual_seed(7)
 
     def randn(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
 
-    x, z = randn(batch, dim, length), randn(batch, dim, length)
-    weights = (randn(dim, 4, scale=0.5), randn(dim), randn(1 + 2 * state, dim, scale=0.3),
-               randn(dim, 1))
-    scan = dict(A=-torch.exp(randn(dim, state, scale=0.5)), D=randn(dim), z=z,
-                delta_bias=randn(dim, scale=0.2), delta_softplus=True, reverse=reverse)
+    inputs = [randn(batch, dim, length), randn(batch, dim, length), randn(dim, 4, scale=0.5),
+              randn(dim), randn(dt_rank + 2 * state, dim, scale=0.3), randn(dim, dt_rank),
+              -torch.exp(randn(dim, state, scale=0.5)).detach().requires_grad_(), randn(dim),
+              randn(dim, scale=0.2)]
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[1, 30:] = False
-
-    def project(x, conv_weight, conv_bias, proj_weight, dt_weight):
-        u = ops.causal_conv1d(x, conv_weight, conv_bias, "silu", reverse=reverse)
-        u = u.masked_fill(~mask.unsqueeze(1), 0.0)
-        dt, B, C = F.linear(u.transpose(1, 2), proj_weight).split([1, state, state], dim=-1)
-        return u, F.linear(dt, dt_weight).transpose(1, 2), B.mT.contiguous(), C.mT.contiguous()
-
-    leaves = [x, z, *weights, *(t for t in scan.values() if isinstance(t, torch.Tensor))]
     results = []
-    for scan_function in (ops.projected_selective_scan, two_step_scan):
-        out, C = scan_function(project, x, weights, **scan)
+    for direction in (ops.mamba_direction, written_out_direction):
+        out, C = direction(*inputs, mask=mask, reverse=reverse)
         loss = C.sin().sum() if grad_of == "C only" else (out.cos().sum() + C.sin().sum())
-        results.append((out, C, torch.autograd.grad(loss, leaves, allow_unused=True)))
+        results.append((out, C, torch.autograd.grad(loss, inputs, allow_unused=True)))
     (out, C, grads), (expected_out, expected_C, expected_grads) = results
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(C, expected_C, rtol=1e-12, atol=1e-12)

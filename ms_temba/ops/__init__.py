@@ -33,11 +33,13 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ms_temba.ops.conv import depthwise_conv1d
 from ms_temba.ops.cpu_extension import build_cpu_scan_extension
+from ms_temba.ops.mamba_inner import MambaInnerFunction
 from ms_temba.ops.reference import ACTIVATIONS, causal_conv1d_ref, selective_scan_ref
-from ms_temba.ops.scan import ProjectedScanFunction, SelectiveScanFunction, num_groups
+from ms_temba.ops.scan import SelectiveScanFunction, num_groups
 
 __all__ = [
     "CPU_SCAN_EXTENSION",
@@ -47,7 +49,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_ref",
     "depthwise_conv1d",
-    "projected_selective_scan",
+    "mamba_direction",
     "selective_scan",
     "selective_scan_ref",
 ]
@@ -161,38 +163,61 @@ def selective_scan(
     return (out, last_state) if return_last_state else out
 
 
-def projected_selective_scan(
-    project,
+def mamba_direction(
     x: torch.Tensor,
-    weights: tuple[torch.Tensor, ...],
+    z: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
     A: torch.Tensor,
     D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
+    mask: torch.Tensor | None = None,
     *,
+    delta_softplus: bool = True,
     reverse: bool = False,
     chunk_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)` with
-    `(u, delta, B, C) = project(x, *weights)`; returns (out, C).
+    """One direction of a Mamba block from the x half of its in_proj output to the gated scan
+    output: the causal conv with silu (u, zeroed where `mask` is False), x_proj's step size (low
+    rank), B and C, dt_proj, and the selective scan, reversed in time if `reverse`.
 
-    The same values and gradients as the two steps written out, but on the CPU path autograd keeps
-    x and the weights for the backward instead of u and delta, and the backward recomputes the
-    projection (`scan.ProjectedScanFunction`, mamba_ssm's `checkpoint_lvl=1`): in a Mamba block
-    that is two fewer sequence-long tensors per direction. `project` must be a differentiable
-    function of its arguments alone (it runs twice) that returns selective_scan's u, delta, B, C.
+    Args:
+        x, z: (batch, dim, length), the halves of the in_proj output.
+        conv_weight: (dim, width); conv_bias: (dim,) or None.
+        x_proj_weight: (dt_rank + 2 state, dim); dt_proj_weight: (dim, dt_rank).
+        A, D, delta_bias, delta_softplus, chunk_length: as for `selective_scan`.
+        mask: optional (batch, length) bool, True = real frame.
+
+    Returns:
+        out (batch, dim, length) and C (batch, state, length).
+
+    On the CPU path this is one autograd Function (`mamba_inner.MambaInnerFunction`, mamba_ssm's
+    `MambaInnerFn` with `checkpoint_lvl=1`) that keeps x rather than u and delta for the backward
+    and recomputes them there; elsewhere it is the ops written out.
     """
+    dt_rank, state = dt_proj_weight.shape[1], A.shape[1]
+    if x_proj_weight.shape[0] != dt_rank + 2 * state:
+        raise ValueError(f"mamba_direction: x_proj_weight must have dt_rank + 2 state = "
+                         f"{dt_rank + 2 * state} rows, got {x_proj_weight.shape[0]}")
     if x.is_cuda and USE_CUDA_KERNELS and _cuda_selective_scan is not None:
-        u, delta, B, C = project(x, *weights)  # the kernel keeps what it keeps
+        u = causal_conv1d(x, conv_weight, conv_bias, activation="silu", reverse=reverse)
+        if mask is not None:
+            u = u.masked_fill(~mask.unsqueeze(1), 0.0)
+        dt_low_rank, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split(
+            [dt_rank, state, state], dim=-1)
+        delta = F.linear(dt_low_rank, dt_proj_weight).transpose(1, 2)
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               reverse=reverse), C
     chunk_length = SCAN_CHUNK_LENGTH if chunk_length is None else int(chunk_length)
     if chunk_length < 1:
         raise ValueError(f"selective_scan: chunk_length must be >= 1, got {chunk_length}")
     extension = _cpu_scan_extension() if x.device.type == "cpu" else None
-    options = (bool(delta_softplus), bool(reverse), chunk_length, extension)
-    return ProjectedScanFunction.apply(project, options, x, z, A, D, delta_bias, *weights)
+    options = (dt_rank, bool(delta_softplus), bool(reverse), chunk_length, extension)
+    return MambaInnerFunction.apply(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                                    A, D, delta_bias, mask, options)
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:

@@ -114,12 +114,25 @@ class _DepthwiseConv1d(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
         windows, out_length = ctx.windows, grad_out.shape[-1]
-        if ctx.silu:  # d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))
+        if ctx.silu:
             pre_activation = _DepthwiseConv1d.taps(x, weight, bias, windows, out_length)
-            sigmoid = torch.sigmoid(pre_activation)
-            # In pre_activation's buffer: two sequence-long temporaries instead of five.
-            grad_out = (pre_activation.addcmul_(pre_activation, sigmoid, value=-1).add_(1)
-                        .mul_(sigmoid).mul_(grad_out))
+            grad_out = _DepthwiseConv1d.silu_backward_(pre_activation, grad_out)
+        grad_x, grad_weight = _DepthwiseConv1d.input_and_weight_gradients(x, weight, windows, grad_out)
+        grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+    @staticmethod
+    def silu_backward_(pre_activation, grad_out):
+        """d loss / d pre_activation of silu(pre_activation), in pre_activation's buffer: two
+        sequence-long temporaries instead of five. d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))."""
+        sigmoid = torch.sigmoid(pre_activation)
+        return (pre_activation.addcmul_(pre_activation, sigmoid, value=-1).add_(1)
+                .mul_(sigmoid).mul_(grad_out))
+
+    @staticmethod
+    def input_and_weight_gradients(x, weight, windows, grad_out):
+        """The gradients of x and weight, given that of the conv's output (before any silu)."""
+        out_length = grad_out.shape[-1]
         grad_x = _DepthwiseConv1d.empty_like_layout(x, x.shape[-1]).zero_()
         grad_weight = torch.zeros_like(weight)
         product = _DepthwiseConv1d.empty_like_layout(x, min(_PRODUCT_STEPS, out_length))
@@ -136,5 +149,28 @@ class _DepthwiseConv1d(torch.autograd.Function):
                 block = torch.mul(grad_out[..., start:stop], x[..., start + shift:stop + shift],
                                   out=product[..., :stop - start])
                 grad_weight[:, tap] += block.sum(dim=(0, 2))
-        grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight
+
+
+class CausalConv:
+    """`ms_temba.ops.causal_conv1d`'s CPU path (kernel width `width`, over `length` steps) as
+    `_DepthwiseConv1d`'s pieces, for a caller that runs its own backward (`mamba_inner`): the
+    causal padding, and for `reverse` the kernel flipped and the padding after the sequence."""
+
+    def __init__(self, length, width, reverse):
+        self.length, self.reverse = length, reverse
+        pad_before = 0 if reverse else width - 1
+        self.windows = _DepthwiseConv1d.tap_windows(length, length, width, 1, pad_before)
+
+    def oriented(self, weight):
+        """weight (dim, width) as the taps apply it; its own inverse."""
+        return weight.flip(-1) if self.reverse else weight
+
+    def pre_activation(self, x, weight, bias):
+        return _DepthwiseConv1d.taps(x, self.oriented(weight), bias, self.windows, self.length)
+
+    def gradients(self, x, weight, grad_pre_activation):
+        """(grad_x, grad_weight, grad_bias) from the gradient of the pre-activation."""
+        grad_x, grad_weight = _DepthwiseConv1d.input_and_weight_gradients(
+            x, self.oriented(weight), self.windows, grad_pre_activation)
+        return grad_x, self.oriented(grad_weight), grad_pre_activation.sum(dim=(0, 2))

@@ -63,7 +63,7 @@ class SelectiveScanFunction(torch.autograd.Function):
     gate), is one loop that reads u, delta and z where they are and allocates nothing
     sequence-long but its outputs. Without it (None) `_forward_eager` / `_backward_eager` do the
     same in torch ops, on time-major (length, batch, G, H) copies. The work is in `scan_forward`
-    and `scan_backward`, which `ProjectedScanFunction` shares.
+    and `scan_backward`, which `ms_temba.ops.mamba_inner` shares.
     """
 
     @staticmethod
@@ -148,63 +148,6 @@ def scan_backward(info: _ScanInfo, u, delta, z, kept, grad_out):
         None if z_dtype is None else grad_z.to(z_dtype),
         None if delta_bias_dtype is None else grad_delta_bias.to(delta_bias_dtype),
     )
-
-
-class ProjectedScanFunction(torch.autograd.Function):
-    """`selective_scan(u, delta, A, B, C, D, z, delta_bias, ...)` with `(u, delta, B, C) =
-    project(x, *weights)`, keeping x and the weights for the backward instead of u and delta, and
-    recomputing the projection there: mamba_ssm's `MambaInnerFn` with `checkpoint_lvl=1`.
-
-    In a Mamba block `project` is the causal conv and the x_proj / dt_proj products, u and delta
-    are each as large as x, and x is kept anyway (it is a view of the in_proj output, whose other
-    half z the scan needs): this drops two of the sequence-long tensors a direction keeps for the
-    backward, for the price of recomputing a conv and two thin products. The backward runs the
-    recomputed projection's own autograd graph, so `project` may be any differentiable function.
-
-    forward(project, options, x, z, A, D, delta_bias, *weights) -> (out, C), with options
-    (delta_softplus, reverse, chunk_length, extension) as `SelectiveScanFunction`'s; C is
-    returned because Mamba's callers use it, and may receive a gradient of its own.
-    """
-
-    @staticmethod
-    def forward(ctx, project, options, x, z, A, D, delta_bias, *weights):
-        delta_softplus, reverse, chunk_length, extension = options
-        # The projection runs under the caller's autocast, as it would outside this Function, and
-        # the backward recomputes it under the same; the scan itself in fp32 (`_without_autocast`).
-        device = x.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        u, delta, B, C = project(x, *weights)  # forward() runs without autograd recording
-        with torch.autocast(device, enabled=False):
-            out, _, kept, ctx.scan = scan_forward(u, delta, A, B, C, D, z, delta_bias,
-                                                  delta_softplus, reverse, chunk_length, extension)
-        ctx.save_for_backward(x, z, *weights, *kept)
-        ctx.project, ctx.num_weights = project, len(weights)
-        ctx.set_materialize_grads(False)  # C often gets no gradient: no zeros for it
-        return out, C
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_C_out):
-        x, z, *rest = ctx.saved_tensors
-        weights, kept = rest[: ctx.num_weights], rest[ctx.num_weights:]
-        needs = ctx.needs_input_grad
-        inputs = [t.detach().requires_grad_(need)
-                  for t, need in zip((x, *weights), (needs[2], *needs[7:]))]
-        device, autocast_dtype, autocast_enabled = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, autocast_dtype, autocast_enabled):
-            u, delta, B, C = ctx.project(*inputs)
-        if grad_out is None:  # only C has a gradient: the scan still sends one into B
-            grad_out = torch.zeros(u.shape, dtype=u.dtype, device=u.device)
-        with torch.autocast(device, enabled=False):
-            grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias = (
-                scan_backward(ctx.scan, u.detach(), delta.detach(), z, kept, grad_out))
-        if grad_C_out is not None:
-            grad_C = grad_C + grad_C_out
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad((u, delta, B, C), wanted,
-                                         (grad_u, grad_delta, grad_B, grad_C), allow_unused=True)
-                     if wanted else ())
-        grad_x, *grad_weights = [next(grads) if t.requires_grad else None for t in inputs]
-        return (None, None, grad_x, grad_z, grad_A, grad_D, grad_delta_bias, *grad_weights)
 
 
 def _cast(x, dtype):
