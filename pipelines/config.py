@@ -158,6 +158,9 @@ class TrainParams:
     beta: float = 0.3
     alpha: float = 100.0
     max_grad_norm: float | None = None
+    # Validate and keep an exponential moving average of the weights (decay per optimizer step)
+    # instead of the raw weights; null = the raw weights.
+    ema_decay: float | None = None
     normalize_features: bool = False  # standardise each feature dim with training-set mean/std
     num_threads: int = 2
     device: str = "auto"
@@ -189,6 +192,8 @@ class TrainParams:
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         if self.max_grad_norm is not None:
             _require(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
+        if self.ema_decay is not None:
+            _require(0 < self.ema_decay < 1, "train.ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
         _require_choice("train.device", self.device, DEVICE_CHOICES)
         _require_choice("train.schedule", self.schedule, SCHEDULES)
 

@@ -283,6 +283,13 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         prior = np.concatenate([s.labels for s in train_set]).mean(axis=0)
         ms_temba.init_class_prior(model.class_heads(), torch.from_numpy(prior))
     model = model.to(device)
+    # The weights that are validated, selected and saved: the model's own, or their exponential
+    # moving average over the optimizer steps (train.ema_decay), which the steps leave alone.
+    ema = None
+    if recipe.ema_decay is not None:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+    evaluated = model if ema is None else ema.module
     if ranks.world_size > 1:  # the same initial weights on every rank (above), then each rank its own dropout
         torch.manual_seed(recipe.seed + ranks.rank)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
@@ -308,6 +315,8 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint.get("scaler", {}))
+            if ema is not None:
+                ema.load_state_dict(checkpoint["ema"])
             rank_rng = checkpoint.get("rank_rng") or []  # each rank's own, if it ran on as many
             restore_rng_states(rank_rng[ranks.rank] if len(rank_rng) == ranks.world_size else checkpoint["rng"])
             start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
@@ -353,6 +362,8 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             # The global batch's terms: the ranks' terms weighted by their shares.
             values = torch.stack([value.detach().float() for value in losses.values()]) * batch.share
             if ranks.world_size > 1:
@@ -365,7 +376,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             torch.distributed.all_gather_object(rank_rng, rng_states())
         if not ranks.writer:
             continue
-        val_map = validation_map(model, val_set, dataset.num_classes, device)
+        val_map = validation_map(evaluated, val_set, dataset.num_classes, device)
         history.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": totals["loss"] / steps_per_epoch, "train_bce": totals["bce"] / steps_per_epoch,
                         "val_map": val_map, "seconds": round(time.perf_counter() - started, 3),
@@ -374,7 +385,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
                         "grad_norms": {part: value / steps_per_epoch for part, value in grad_totals.items()}})
         if val_map > best["val_map"]:  # NaN (no positives in the held-out part) never wins
             best = {"epoch": epoch, "val_map": val_map,
-                    "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}}
         log.info("epoch %d: loss %.4f, val mAP %.2f%% (best %.2f%% at epoch %d)", epoch, history[-1]["train_loss"],
                  val_map, best["val_map"], best["epoch"])
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -382,6 +393,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             torch.save({"fingerprint": run_id, "epoch": epoch, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "rng": rng_states(), "history": history, "best": best,
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
                         **({"rank_rng": rank_rng} if ranks.world_size > 1 else {})}, temporary)
         write_csv(log_path, history, LOG_COLUMNS)
 
@@ -390,7 +402,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
     if not ranks.writer:
         return None
     if best["state_dict"] is None:  # validation mAP was NaN throughout: keep the last epoch
-        best = {"epoch": recipe.epochs, "val_map": float("nan"), "state_dict": model.state_dict()}
+        best = {"epoch": recipe.epochs, "val_map": float("nan"), "state_dict": evaluated.state_dict()}
     write_csv(log_path, history, LOG_COLUMNS)
     config = dataclasses.asdict(model.config)
     bundle = ModelBundle(

@@ -137,6 +137,34 @@ def log_without_timing(path):
     return [line.rsplit(",", 1)[0] for line in lines]  # the last column is the epoch's wall time
 
 
+def params_with(prepared, directory, **train):
+    """A copy of the prepared run's params with these train settings, beside its manifest and shards."""
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    params["train"].update(train)
+    directory.mkdir()
+    for name in ("manifest.parquet", "shards"):
+        os.symlink(prepared / name, directory / name)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    return directory
+
+
+def kill_after_the_first_checkpoint(data, run) -> int:
+    """Start training, SIGKILL it (and its workers) once its first checkpoint exists; the epoch that checkpoint holds."""
+    process = subprocess.Popen(train_command(data, run), cwd=PROJECT_ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # In the middle of epoch 2 (or later), never after the last one; the whole process group, so
+    # that DataLoader workers (train.num_workers) die with the stage.
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    assert 1 <= killed_at < EPOCHS
+    return killed_at
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted")
@@ -162,16 +190,8 @@ def chance_map_of(annotations_path, video_ids, lengths):
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_weights(prepared, uninterrupted, tmp_path):
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(train_command(prepared, interrupted), cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = interrupted / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 600
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)  # in the middle of epoch 2 (or later), never after the last one
-    assert process.wait() == -signal.SIGKILL
-    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
-    assert 1 <= killed_at < EPOCHS and not (interrupted / "model.pt").exists()
+    killed_at = kill_after_the_first_checkpoint(prepared, interrupted)
+    assert not (interrupted / "model.pt").exists()
 
     output = run_training(prepared, interrupted)
     assert f"resuming after epoch {killed_at}" in output
@@ -208,14 +228,7 @@ def test_the_bundle_describes_the_run_and_beats_chance(prepared, uninterrupted):
 def test_a_checkpoint_of_another_configuration_is_not_resumed(prepared, uninterrupted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
-    params = yaml.safe_load((prepared / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
-    changed = tmp_path / "data"
-    changed.mkdir()
-    for name in ("manifest.parquet", "shards"):
-        os.symlink(prepared / name, changed / name)
-    (changed / "params.yaml").write_text(yaml.safe_dump(params))
-    output = run_training(changed, run)
+    output = run_training(params_with(prepared, tmp_path / "data", epochs=2), run)
     assert "belongs to another configuration" in output
     assert len(log_without_timing(run / "log.csv")) == 1 + 2  # header + the 2 epochs of the new run
 
@@ -387,26 +400,46 @@ def test_read_ahead_workers_give_the_batches_of_the_loop_in_order():
 def test_a_killed_run_resumes_with_read_ahead_workers_to_the_same_weights(prepared, uninterrupted, tmp_path):
     """The kill-and-resume guarantee with train.num_workers=1 (worker processes in the killed
     process group): the same weights, selected epoch and log as the in-loop uninterrupted run."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("manifest.parquet", "shards"):
-        os.symlink(prepared / name, data / name)
-    params = yaml.safe_load((prepared / "params.yaml").read_text())
-    params["train"]["num_workers"] = 1
-    (data / "params.yaml").write_text(yaml.safe_dump(params))
+    data = params_with(prepared, tmp_path / "data", num_workers=1)
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(train_command(data, interrupted), cwd=PROJECT_ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = interrupted / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 600
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the stage and its DataLoader worker
-    process.wait()
-    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
-    assert 1 <= killed_at < EPOCHS
+    killed_at = kill_after_the_first_checkpoint(data, interrupted)
 
     output = run_training(data, interrupted)
     assert f"resuming after epoch {killed_at}" in output
     assert same_model(interrupted, uninterrupted)
     assert log_without_timing(uninterrupted / "log.csv") == log_without_timing(interrupted / "log.csv")
+
+
+def test_an_ema_of_decay_near_zero_is_the_raw_run(prepared, uninterrupted, tmp_path):
+    """train.ema_decay: what is validated, selected and saved is the average's copy of the model.
+    With a decay of 1e-12 the average is the latest weights to float rounding, so the run must
+    select the same epoch and save the same weights as the run without it."""
+    data = params_with(prepared, tmp_path / "data", ema_decay=1e-12)
+    run_training(data, tmp_path / "run")
+    expected, averaged = load_bundle(uninterrupted / "model.pt"), load_bundle(tmp_path / "run" / "model.pt")
+    assert averaged.selected_epoch == expected.selected_epoch
+    assert averaged.val_map == pytest.approx(expected.val_map, abs=1e-3)
+    for name, weight in expected.state_dict.items():
+        torch.testing.assert_close(averaged.state_dict[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_killed_ema_run_resumes_to_the_same_average(prepared, tmp_path):
+    """The average is part of the checkpoint: a run killed after an epoch resumes to the weights of
+    the run that was never killed, and those weights are the average's, not the raw ones."""
+    data = params_with(prepared, tmp_path / "data", ema_decay=0.9)
+    run_training(data, tmp_path / "uninterrupted")
+    interrupted = tmp_path / "interrupted"
+    kill_after_the_first_checkpoint(data, interrupted)
+    run_training(data, interrupted)
+
+    expected, resumed = load_bundle(tmp_path / "uninterrupted" / "model.pt"), load_bundle(interrupted / "model.pt")
+    for name, weight in expected.state_dict.items():
+        assert torch.equal(weight, resumed.state_dict[name]), name
+    assert log_without_timing(tmp_path / "uninterrupted" / "log.csv") == log_without_timing(interrupted / "log.csv")
+    last = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt", weights_only=False)
+    raw, average = last["model"], {k.removeprefix("module."): v for k, v in last["ema"].items()}
+    assert any(not torch.equal(raw[name], average[name]) for name in raw)
+    if expected.selected_epoch == EPOCHS:  # the saved weights are the average's at the selected epoch
+        for name, weight in expected.state_dict.items():
+            assert torch.equal(weight, average[name]), name
