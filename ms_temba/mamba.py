@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ms_temba import ops
 from ms_temba.ops import fused
@@ -35,10 +36,44 @@ __all__ = ["RMSNorm", "BiMamba"]
 
 
 class RMSNorm(nn.RMSNorm):
-    """Root-mean-square layer norm with a learned scale and no bias, eps 1e-5 as in mamba_ssm."""
+    """Root-mean-square layer norm with a learned scale and no bias, eps 1e-5 as in mamba_ssm.
+
+    On CPU through `_RMSNormFunction`, which keeps less for the backward than torch's composite
+    rms_norm (that keeps the normalised input too: a sequence-long tensor per norm, two norms per
+    Mamba layer)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # torch's fused kernel
+            return super().forward(x)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """x / rms(x) * weight over the last axis, keeping x and the per-frame 1 / rms for the backward
+    and recomputing the normalised x there. Computed in at least fp32, returned in x's dtype, as
+    torch's rms_norm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        rstd = torch.rsqrt(x.to(dtype).square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, rstd, weight)
+        return (x * rstd * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, rstd, weight = ctx.saved_tensors
+        normalised = x * rstd
+        grad_out = grad_out.to(normalised.dtype)
+        grad_weight = (grad_out * normalised).flatten(0, -2).sum(0).to(weight.dtype)
+        # d/dx of n w with n = x rstd: rstd (g - n mean(g n)), g = grad_out w, in g's buffer.
+        grad_normalised = grad_out * weight
+        mean = (grad_normalised * normalised).mean(-1, keepdim=True)
+        grad_x = grad_normalised.addcmul_(normalised, mean, value=-1).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -167,8 +202,10 @@ class BiMamba(nn.Module):
             x, z, mask, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
             reverse=True,
         )
-        y = torch.add(y_f, y_b).div_(2)  # the average of the two directions
-        out = self.out_proj(y.transpose(1, 2))
+        # out_proj of the average of the two directions, the halving folded into the (small)
+        # weight: halving is exact in floating point, so the result is the same, and the backward
+        # has no sequence-long gradient of the halving to allocate.
+        out = F.linear((y_f + y_b).transpose(1, 2), self.out_proj.weight * 0.5, self.out_proj.bias)
         if not return_c:
             return out
         return out, torch.cat([c_f, c_b], dim=-1)

@@ -149,6 +149,7 @@ def test_chunked_scan_with_partial_last_chunk(chunk_length, length):
 def test_default_chunk_length_is_module_constant(monkeypatch):
     # A length that is not a multiple of the default chunk, run through the default code path.
     monkeypatch.setattr(ops, "SCAN_CHUNK_LENGTH", 5)
+    monkeypatch.setattr(ops, "EXTENSION_CHUNK_LENGTH", 5)
     inputs = make_scan_inputs(batch=1, dim=3, state=2, length=23, seed=3)
     check_against_reference(inputs, delta_softplus=True)
 

@@ -3,11 +3,11 @@
 `ms_temba.ops.selective_scan` runs it wherever the CUDA kernel does not (see that package for the
 recurrence itself). The Function (`SelectiveScanFunction`)
 
-  * walks the sequence in chunks of `chunk_length` steps (`ms_temba.ops.SCAN_CHUNK_LENGTH` by
-    default) with the state carried across chunks, so nothing of size length x dim x state is ever
-    allocated: the forward keeps only the state at each chunk start, and the backward recomputes a
-    chunk's states from it (like gradient checkpointing) before running the reverse-time
-    recurrence of the gradient through the chunk;
+  * walks the sequence in chunks of `chunk_length` steps (by default `ms_temba.ops.SCAN_CHUNK_LENGTH`,
+    or `EXTENSION_CHUNK_LENGTH` with the C++ recurrence) with the state carried across chunks, so
+    nothing of size length x dim x state is ever allocated: the forward keeps only the state at
+    each chunk start, and the backward recomputes a chunk's states from it (like gradient
+    checkpointing) before running the reverse-time recurrence of the gradient through the chunk;
   * runs that recurrence in a small C++ extension (`csrc/selective_scan_cpu.cpp`, built by
     `ms_temba.ops.cpu_extension` on first use and cached): blocks of 16 adjacent channels keep
     their states in registers for the whole sequence, and exp, the update and the readout of each
