@@ -266,6 +266,25 @@ def test_bimamba_gradients_match_the_float64_loop():
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
 
 
+def test_rms_norm_matches_torch_values_and_gradients():
+    # mamba.RMSNorm runs its own Function on CPU (it keeps less for the backward than torch's).
+    from ms_temba.mamba import RMSNorm
+
+    torch.manual_seed(3)
+    ours, theirs = RMSNorm(12).double(), torch.nn.RMSNorm(12, eps=1e-5).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 7, 12, dtype=torch.float64)
+    results = []
+    for norm in (ours, theirs):
+        out = norm(x)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), [x, norm.weight])))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_bimamba_keeps_neither_u_nor_delta_for_the_backward():
     # On CPU each direction recomputes its conv output u and step size delta in the backward
     # (ops.projected_selective_scan) rather than keeping them: what autograd keeps is the mixer's
