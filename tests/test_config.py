@@ -42,10 +42,10 @@ def test_every_dataset_composes_into_valid_params(dataset, recipe):
     assert params.dataset.name == dataset
     if recipe:  # the release's recipe as published
         assert params.train.lr == 5e-4 and params.train.weight_decay == 0.01 and params.train.alpha == 100
-        assert not params.train.class_prior_init
+        assert not params.train.class_prior_init and params.train.ema_decay is None
     else:  # the default recipe (conf/train/default.yaml, docs/accuracy.md)
-        assert params.train.lr == 1e-3 and params.train.weight_decay == 0 and params.train.alpha == 0
-        assert params.train.class_prior_init and params.train.num_clips == 256
+        assert params.train.lr == 1e-3 and params.train.weight_decay == 0 and params.train.alpha == 3
+        assert params.train.class_prior_init and params.train.num_clips == 256 and params.train.ema_decay == 0.99
 
 
 def test_tiny_experiment_shrinks_the_synthetic_run():

@@ -410,18 +410,21 @@ def test_a_killed_run_resumes_with_read_ahead_workers_to_the_same_weights(prepar
     assert log_without_timing(uninterrupted / "log.csv") == log_without_timing(interrupted / "log.csv")
 
 
-def test_an_ema_of_decay_near_zero_is_the_raw_run(prepared, uninterrupted, tmp_path):
-    """train.ema_decay: what is validated, selected and saved is the average's copy of the model.
-    With a decay of 1e-12 the average is the latest weights to float rounding, so the run must
-    select the same epoch and save the same weights as the run without it."""
-    data = params_with(prepared, tmp_path / "data", ema_decay=1e-12)
-    run_training(data, tmp_path / "run")
-    expected, averaged = load_bundle(uninterrupted / "model.pt"), load_bundle(tmp_path / "run" / "model.pt")
-    assert averaged.selected_epoch == expected.selected_epoch
-    assert averaged.val_map == pytest.approx(expected.val_map, abs=1e-3)
-    for name, weight in expected.state_dict.items():
-        torch.testing.assert_close(averaged.state_dict[name], weight, rtol=1e-5, atol=1e-6, msg=name)
-
+def test_an_ema_of_decay_near_zero_is_the_raw_run(prepared, tmp_path):
+    """train.ema_decay: what is validated and saved is the average's copy of the model. With a
+    decay of 1e-12 the average is the latest weights to float rounding, so every epoch's validation
+    mAP is the run's without it, and at the end the average equals the raw weights. (The selected
+    epoch is not compared: two epochs of this small run can tie to rounding.)"""
+    run_training(params_with(prepared, tmp_path / "raw_data", ema_decay=None), tmp_path / "raw")
+    run_training(params_with(prepared, tmp_path / "data", ema_decay=1e-12), tmp_path / "run")
+    raw = torch.load(tmp_path / "raw" / "checkpoints" / "last.pt", weights_only=False)
+    averaged = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert [h["val_map"] for h in averaged["history"]] == pytest.approx([h["val_map"] for h in raw["history"]], abs=1e-3)
+    for name, weight in averaged["model"].items():
+        torch.testing.assert_close(averaged["ema"][f"module.{name}"], weight, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(weight, raw["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+    bundle = load_bundle(tmp_path / "run" / "model.pt")
+    assert bundle.val_map == max(h["val_map"] for h in averaged["history"])
 
 @pytest.mark.slow
 def test_a_killed_ema_run_resumes_to_the_same_average(prepared, tmp_path):
