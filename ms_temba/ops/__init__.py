@@ -33,11 +33,10 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from ms_temba.ops.conv import depthwise_conv1d
 from ms_temba.ops.cpu_extension import build_cpu_scan_extension
-from ms_temba.ops.mamba_inner import MambaInnerFunction
+from ms_temba.ops.mamba_inner import MambaInnerFunction, selective_projections
 from ms_temba.ops.reference import ACTIVATIONS, causal_conv1d_ref, selective_scan_ref
 from ms_temba.ops.scan import SelectiveScanFunction, num_groups
 
@@ -210,10 +209,7 @@ def mamba_direction(
         u = causal_conv1d(x, conv_weight, conv_bias, activation="silu", reverse=reverse)
         if mask is not None:
             u = u.masked_fill(~mask.unsqueeze(1), 0.0)
-        dt_low_rank, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split(
-            [dt_rank, state, state], dim=-1)
-        delta = F.linear(dt_low_rank, dt_proj_weight).transpose(1, 2)
-        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        _, delta, B, C = selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank)
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               reverse=reverse), C
     extension = _cpu_scan_extension() if x.device.type == "cpu" else None

@@ -44,9 +44,7 @@ class MambaInnerFunction(torch.autograd.Function):
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         conv = CausalConv(x.shape[-1], conv_weight.shape[1], reverse)
         u = MambaInnerFunction.conv_output(conv, x, conv_weight, conv_bias, mask)
-        x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (batch, length, dt_rank + 2 state)
-        delta = F.linear(x_dbl[..., :dt_rank], dt_proj_weight).transpose(1, 2)
-        B, C = (part.transpose(1, 2).contiguous() for part in x_dbl[..., dt_rank:].chunk(2, dim=-1))
+        x_dbl, delta, B, C = selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank)
         with torch.autocast(device, enabled=False):
             out, _, kept, ctx.scan = scan_forward(u, delta, A, B, C, D, z, delta_bias,
                                                   delta_softplus, reverse, chunk_length, extension)
@@ -107,6 +105,16 @@ class MambaInnerFunction(torch.autograd.Function):
                 grad_x_proj_weight.to(x_proj_weight.dtype),
                 grad_dt_proj_weight.to(dt_proj_weight.dtype), grad_A, grad_D, grad_delta_bias,
                 None, None)
+
+
+def selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank: int):
+    """The input-dependent ("selective") parts of Mamba from the conv output u (batch, dim, length):
+    x_proj's output x_dbl (batch, length, dt_rank + 2 state), the step delta (batch, dim, length;
+    dt_proj without its bias, which the scan adds) and B, C (batch, state, length, contiguous)."""
+    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)
+    delta = F.linear(x_dbl[..., :dt_rank], dt_proj_weight).transpose(1, 2)
+    B, C = (part.transpose(1, 2).contiguous() for part in x_dbl[..., dt_rank:].chunk(2, dim=-1))
+    return x_dbl, delta, B, C
 
 
 def _weight_gradient(grad_output, input):
