@@ -208,6 +208,21 @@ def test_action_heatmap_is_the_official_gaussian_per_instance():
     assert action_heatmap(targets, mask)[1, 27:].abs().max() == 0
 
 
+def test_action_heatmap_matches_the_official_gaussians_on_many_short_instances():
+    """Random labels: many runs per class, touching, at the crop's edges, none at all."""
+    generator = torch.Generator().manual_seed(0)
+    targets = (torch.rand(3, 40, 5, generator=generator) < 0.4).float()
+    targets[2] = 0
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    heatmap = action_heatmap(targets, mask).numpy()
+    for sample in range(3):
+        for cls in range(5):
+            frames = np.flatnonzero(np.diff(np.concatenate([[0], targets[sample, :, cls].numpy(), [0]])))
+            runs = list(zip(frames[::2], frames[1::2]))
+            np.testing.assert_allclose(heatmap[sample, :, cls], official_gaussian_heatmap(40, runs), atol=1e-6)
+    assert heatmap[2].max() == 0
+
+
 def test_focal_loss_matches_its_formula():
     logits = torch.tensor([[[2.0], [-1.0], [0.5], [0.0]]])
     heatmap = torch.tensor([[[1.0], [0.5], [0.0], [1.0]]])
