@@ -118,7 +118,7 @@ class _DepthwiseConv1d(torch.autograd.Function):
             pre_activation = _DepthwiseConv1d.taps(x, weight, bias, windows, out_length)
             grad_out = _DepthwiseConv1d.silu_backward_(pre_activation, grad_out)
         grad_x, grad_weight = _DepthwiseConv1d.input_and_weight_gradients(x, weight, windows, grad_out)
-        grad_bias = grad_out.sum(dim=(0, 2)) if bias is not None else None
+        grad_bias = _sum_over_batch_and_time(grad_out) if bias is not None else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
@@ -148,8 +148,16 @@ class _DepthwiseConv1d(torch.autograd.Function):
                 stop = min(start + _PRODUCT_STEPS, out_window.stop)
                 block = torch.mul(grad_out[..., start:stop], x[..., start + shift:stop + shift],
                                   out=product[..., :stop - start])
-                grad_weight[:, tap] += block.sum(dim=(0, 2))
+                grad_weight[:, tap] += _sum_over_batch_and_time(block)
         return grad_x, grad_weight
+
+
+def _sum_over_batch_and_time(x):
+    """(batch, dim, length) -> (dim,). Over time first, then over the batch: torch's one-call
+    sum(dim=(0, 2)) of a time window of a time-major tensor (batch and time not mergeable) took
+    3.7 ms at batch 8, dim 512, length 255 on one thread, against 0.09 ms in two steps; it made
+    the conv's weight gradient 15-20 ms of a BiMamba layer's backward."""
+    return x.sum(dim=2).sum(dim=0)
 
 
 class CausalConv:
@@ -173,4 +181,4 @@ class CausalConv:
         """(grad_x, grad_weight, grad_bias) from the gradient of the pre-activation."""
         grad_x, grad_weight = _DepthwiseConv1d.input_and_weight_gradients(
             x, self.oriented(weight), self.windows, grad_pre_activation)
-        return grad_x, self.oriented(grad_weight), grad_pre_activation.sum(dim=(0, 2))
+        return grad_x, self.oriented(grad_weight), _sum_over_batch_and_time(grad_pre_activation)
