@@ -24,9 +24,31 @@ from pipelines.stages import manifest as manifest_stage
 from pipelines.bundle import load_bundle
 from pipelines.config import PROJECT_ROOT, compose_params
 from pipelines.data import Sequence, split_train_val, training_batches
-from pipelines.training import warmup_cosine
+from pipelines.training import gradient_norms, warmup_cosine
 
 NUM_CLASSES, DIM, HOP_S, EPOCHS = 4, 16, 0.5, 4
+
+
+def test_gradient_norms_per_part_match_a_float64_sum_of_squares():
+    import ms_temba
+
+    torch.manual_seed(0)
+    model = ms_temba.create_model("ms_temba_tiny", in_dim=8, num_classes=3)
+    output = model(torch.randn(2, 12, 8))
+    (output.logits.square().sum() + sum(c.sum() for c in output.branch_c)).backward()
+    model.head.bias.grad = None  # a parameter without a gradient is left out
+    expected: dict[str, float] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            names = name.split(".")
+            part = ".".join(names[:2]) if names[1].isdigit() else names[0]
+            expected[part] = expected.get(part, 0.0) + parameter.grad.double().square().sum().item()
+    norms = gradient_norms(model)
+    assert set(norms) == set(expected) and {"blocks.0", "fuser", "head"} <= set(norms)
+    for part, squares in expected.items():
+        assert norms[part] == pytest.approx(math.sqrt(squares), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    assert gradient_norms(model) == {}
 
 
 def test_validation_split_is_deterministic_disjoint_and_stable():
