@@ -247,6 +247,50 @@ def test_mamba_direction_matches_the_ops_written_out(reverse, grad_of):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.usefixtures("scan_path")
+def test_mamba_direction_through_the_workspace_matches_the_ops_written_out(monkeypatch):
+    # On the CPU, MambaInnerFunction keeps its sequence-long temporaries in buffers of
+    # ops.workspace that every call reuses (normally only those of 1 MiB and more; here all), and
+    # the C++ backward writes grad_delta over delta. As in BiMamba: x and z are the time-major
+    # halves of one tensor and both directions read them, so their gradients are summed. Run
+    # twice, so that the second run reuses every buffer the first left: the values and gradients
+    # must be those of autograd through the ops one by one, in float64, padding included.
+    from ms_temba.ops import workspace
+
+    monkeypatch.setattr(workspace, "_MIN_ELEMENTS", 0)
+    workspace.release_workspace()
+    batch, dim, state, length, dt_rank = 2, 6, 3, 70, 2
+    g = torch.Generator().manual_seed(11)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    def direction_parameters():
+        return [randn(dim, 4, scale=0.5), randn(dim), randn(dt_rank + 2 * state, dim, scale=0.3),
+                randn(dim, dt_rank), -torch.exp(randn(dim, state, scale=0.5)).detach().requires_grad_(),
+                randn(dim), randn(dim, scale=0.2)]
+
+    xz = randn(batch, length, 2 * dim)
+    parameters = [direction_parameters(), direction_parameters()]
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[1, 55:] = False
+
+    def both_directions(direction):
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)
+        (out_f, C_f), (out_b, C_b) = (direction(x, z, *p, mask=mask, reverse=reverse)
+                                      for p, reverse in zip(parameters, (False, True)))
+        loss = (out_f + 0.5 * out_b).cos().sum() + C_f.sin().sum() + C_b.cos().sum()
+        inputs = [xz, *parameters[0], *parameters[1]]
+        return [out_f, out_b, C_f, C_b, *torch.autograd.grad(loss, inputs)]
+
+    expected = both_directions(written_out_direction)
+    for _ in range(2):
+        for got, wanted in zip(both_directions(ops.mamba_direction), expected):
+            torch.testing.assert_close(got, wanted, rtol=1e-10, atol=1e-12)
+    assert workspace._buffers.slots, "the workspace was not used"
+    workspace.release_workspace()
+
+
 def test_failed_extension_build_warns_and_falls_back(tmp_path):
     # A real failed build: no C++ compiler (CXX points at `false`), in an empty extensions
     # directory, in a fresh process. The scan must warn once and still give the right answer.

@@ -6,7 +6,7 @@
 //
 //   u, delta, z, out and their gradients : (batch, dim, length), any strides (read and written
 //                                          through `Strided`); outputs are allocated time-major,
-//                                          as transposed views of (batch, length, dim)
+//                                          with the strides of a transposed (batch, length, dim)
 //   A                                    : (groups, N, H)       channel c = g * H + h, state n
 //   B, C and their gradients             : (length, batch, groups, N), in the scan's time order
 //
@@ -413,9 +413,22 @@ void check_contiguous(const std::vector<at::Tensor>& tensors) {
                                    "checkpoints must be contiguous");
 }
 
-// (batch, dim, length) storage that is time-major: a transposed view of (batch, length, dim).
+// (batch, dim, length) storage that is time-major, the strides of a transposed (batch, length,
+// dim), but a tensor of its own rather than a view: autograd adds a second gradient into a first
+// one in place only when that is not a view (BiMamba's z gets one from each direction).
 at::Tensor empty_time_major(const at::Tensor& like) {
-  return at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
+  const int64_t dim = like.size(1), length = like.size(2);
+  return at::empty_strided({like.size(0), dim, length}, {length * dim, 1, dim}, like.options());
+}
+
+// The caller's buffer for a (batch, dim, length) output like u (any strides; the caller reuses
+// it across calls, see ms_temba/ops/workspace.py), or a new time-major one.
+at::Tensor output_like(const std::optional<at::Tensor>& given, const at::Tensor& like) {
+  if (!given) return empty_time_major(like);
+  TORCH_CHECK(given->sizes() == like.sizes() && given->scalar_type() == like.scalar_type() &&
+                  given->device() == like.device(),
+              "selective_scan_cpu: an output buffer must have u's shape, dtype and device");
+  return *given;
 }
 
 Layout layout_of(const at::Tensor& u, const at::Tensor& A) {
@@ -472,14 +485,19 @@ std::vector<at::Tensor> forward(const at::Tensor& u, const at::Tensor& delta,
 
 // -> (grad_u, grad_delta, grad_z or an empty tensor, grad_A, grad_B, grad_C, grad_D,
 //     grad_delta_bias); grad_D and grad_delta_bias are computed whether or not D and
-//     delta_bias were given.
+//     delta_bias were given. grad_u and grad_delta go into grad_u_out and grad_delta_out when
+//     those are given (None from Python: new tensors). grad_delta_out may be delta itself: each
+//     block reads its channels of delta at a time step (recomputing the chunk, then in reverse
+//     time) before it writes grad_delta there, and never again after.
 std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta,
                                  const std::optional<at::Tensor>& z,
                                  const std::optional<at::Tensor>& delta_bias,
                                  const std::optional<at::Tensor>& D, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, bool softplus,
                                  bool reverse, const at::Tensor& grad_out,
-                                 const at::Tensor& checkpoints, int64_t chunk) {
+                                 const at::Tensor& checkpoints, int64_t chunk,
+                                 const std::optional<at::Tensor>& grad_u_out,
+                                 const std::optional<at::Tensor>& grad_delta_out) {
   std::vector<at::Tensor> all{u, delta, A, B, C, grad_out, checkpoints};
   for (const auto& t : {z, delta_bias, D})
     if (t) all.push_back(*t);
@@ -490,8 +508,8 @@ std::vector<at::Tensor> backward(const at::Tensor& u, const at::Tensor& delta,
   TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk must be >= 1");
   const Layout s = layout_of(u, A);
   const int64_t dim = u.size(1);
-  auto grad_u = empty_time_major(u);
-  auto grad_delta = empty_time_major(u);
+  auto grad_u = output_like(grad_u_out, u);
+  auto grad_delta = output_like(grad_delta_out, u);
   auto grad_z = z ? empty_time_major(u) : at::Tensor();
   const int64_t threads = at::get_num_threads();
   auto grad_A_partial = at::zeros({threads, s.groups, s.states, s.channels}, u.options());

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ms_temba.ops import workspace
+
 
 def depthwise_conv1d(
     x: torch.Tensor,
@@ -69,14 +71,24 @@ class _DepthwiseConv1d(torch.autograd.Function):
         return windows
 
     @staticmethod
-    def empty_like_layout(x, length):
+    def empty_like_layout(x, length, slot=None):
         """An empty (batch, dim, length) tensor in x's memory order: time-major when x's channels
         are adjacent (in BiMamba x is a transposed view of the in_proj output), else channel-first.
         Elementwise ops between tensors of different orders transpose as they go, which measured
-        a fifth slower for the whole model at T=10000."""
+        a fifth slower for the whole model at T=10000.
+
+        With `slot`, a buffer of `ms_temba.ops.workspace` (for a temporary that does not leave
+        the caller). Without, a tensor of its own, not a view: autograd adds a second gradient
+        into a first one in place only when that is not a view (an `x` used twice, as BiMamba's
+        x by both directions, otherwise costs one more sequence-long tensor)."""
         batch, dim, _ = x.shape
-        if x.stride(1) == 1 and dim > 1:
-            return x.new_empty(batch, length, dim).transpose(1, 2)
+        time_major = x.stride(1) == 1 and dim > 1
+        if slot is not None:
+            if time_major:
+                return workspace.take(slot, (batch, length, dim), x.dtype, x.device).transpose(1, 2)
+            return workspace.take(slot, (batch, dim, length), x.dtype, x.device)
+        if time_major:
+            return x.new_empty_strided((batch, dim, length), (length * dim, 1, dim))
         return x.new_empty(batch, dim, length)
 
     @staticmethod
@@ -88,8 +100,8 @@ class _DepthwiseConv1d(torch.autograd.Function):
         return weight.t().contiguous().unsqueeze(-1)
 
     @staticmethod
-    def taps(x, weight, bias, windows, out_length):
-        out = _DepthwiseConv1d.empty_like_layout(x, out_length)
+    def taps(x, weight, bias, windows, out_length, slot=None):
+        out = _DepthwiseConv1d.empty_like_layout(x, out_length, slot)
         columns = _DepthwiseConv1d.tap_columns(weight)
         # A fresh buffer, not bias.expand(...).contiguous(): that can return the bias itself (an
         # expanded (1, dim, 1) counts as contiguous), and addcmul_ would then write into it.
@@ -122,10 +134,15 @@ class _DepthwiseConv1d(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
     @staticmethod
-    def silu_backward_(pre_activation, grad_out):
+    def silu_backward_(pre_activation, grad_out, sigmoid_slot=None):
         """d loss / d pre_activation of silu(pre_activation), in pre_activation's buffer: two
-        sequence-long temporaries instead of five. d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))."""
-        sigmoid = torch.sigmoid(pre_activation)
+        sequence-long temporaries instead of five (the sigmoid in workspace slot `sigmoid_slot`
+        if given). d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a)))."""
+        if sigmoid_slot is None:
+            sigmoid = torch.sigmoid(pre_activation)
+        else:
+            sigmoid = torch.sigmoid(pre_activation, out=_DepthwiseConv1d.empty_like_layout(
+                pre_activation, pre_activation.shape[-1], sigmoid_slot))
         return (pre_activation.addcmul_(pre_activation, sigmoid, value=-1).add_(1)
                 .mul_(sigmoid).mul_(grad_out))
 
@@ -174,8 +191,9 @@ class CausalConv:
         """weight (dim, width) as the taps apply it; its own inverse."""
         return weight.flip(-1) if self.reverse else weight
 
-    def pre_activation(self, x, weight, bias):
-        return _DepthwiseConv1d.taps(x, self.oriented(weight), bias, self.windows, self.length)
+    def pre_activation(self, x, weight, bias, slot=None):
+        """The conv's output before silu, in workspace slot `slot` if given."""
+        return _DepthwiseConv1d.taps(x, self.oriented(weight), bias, self.windows, self.length, slot)
 
     def gradients(self, x, weight, grad_pre_activation):
         """(grad_x, grad_weight, grad_bias) from the gradient of the pre-activation."""

@@ -15,7 +15,16 @@ with `checkpoint_lvl=1`:
   * its backward frees each sequence-long tensor as soon as it has served and accumulates in place
     (x_proj's gradient into the scan's grad_u; silu's into the conv's pre-activation), so that at
     most five of them are alive at once. Autograd through the same ops kept ten: the backward of
-    the model's widest mixer was its peak memory.
+    the model's widest mixer was its peak memory;
+  * on the CPU its internal sequence-long temporaries (u and delta in the forward; u, delta, the
+    scan's grad_u and grad_delta (in delta's buffer), the conv's pre-activation and its sigmoid
+    (in u's and delta's, once those are dead) in the backward) go
+    into buffers of `ms_temba.ops.workspace` that every call reuses, and the gradients it returns
+    are tensors of their own, not views, which autograd accumulates in place (BiMamba's x and z
+    get one from each direction). Fresh sequence-long tensors above glibc's mmap threshold (at
+    T=10000 the fuser's are 44 MiB) are page-faulted in on every call: 16 of them per forward +
+    backward of the fuser's mixer, and 2 more for those accumulations, had made the whole model's
+    time grow faster than the length.
 
 The scan itself is `scan.scan_forward` / `scan.scan_backward`, shared with `SelectiveScanFunction`.
 """
@@ -25,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ms_temba.ops import workspace
 from ms_temba.ops.conv import CausalConv, _DepthwiseConv1d
 from ms_temba.ops.scan import scan_backward, scan_forward
 
@@ -43,8 +53,11 @@ class MambaInnerFunction(torch.autograd.Function):
         # the backward recomputes delta under the same; the scan itself runs in fp32.
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         conv = CausalConv(x.shape[-1], conv_weight.shape[1], reverse)
-        u = MambaInnerFunction.conv_output(conv, x, conv_weight, conv_bias, mask)
-        x_dbl, delta, B, C = selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank)
+        # u and delta serve only inside this call: on the CPU, buffers reused across calls
+        # (ms_temba.ops.workspace; fresh ones at T=10000 cost page faults on every call).
+        u = MambaInnerFunction.conv_output(conv, x, conv_weight, conv_bias, mask, slot="u")
+        x_dbl, delta, B, C = selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank,
+                                                   delta_slot="delta")
         with torch.autocast(device, enabled=False):
             out, _, kept, ctx.scan = scan_forward(u, delta, A, B, C, D, z, delta_bias,
                                                   delta_softplus, reverse, chunk_length, extension)
@@ -55,26 +68,32 @@ class MambaInnerFunction(torch.autograd.Function):
         return out, C
 
     @staticmethod
-    def conv_output(conv: CausalConv, x, weight, bias, mask):
+    def conv_output(conv: CausalConv, x, weight, bias, mask, slot=None):
         """u = silu(conv(x)), zero at padded frames: the conv bias makes it nonzero there, and the
-        SSM state must stay exactly zero through the (leading, for the backward scan) padding."""
-        u = F.silu(conv.pre_activation(x, weight, bias), inplace=True)
+        SSM state must stay exactly zero through the (leading, for the backward scan) padding.
+        In workspace slot `slot` if given."""
+        u = F.silu(conv.pre_activation(x, weight, bias, slot), inplace=True)
         return u if mask is None else u.masked_fill_(~mask.unsqueeze(1), 0.0)
 
     @staticmethod
     def backward(ctx, grad_out, grad_C_out):
+        # First, before any workspace slot is taken: with checkpointing, reading the saved
+        # tensors runs the block's forward again, whose Functions take the same slots.
         x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, x_dbl, *kept = ctx.saved_tensors
         conv, mask, dt_rank = ctx.conv, ctx.mask, ctx.dt_rank
         device, autocast_dtype, autocast_enabled = ctx.autocast
         dt_low_rank = x_dbl[..., :dt_rank]
         with torch.autocast(device, autocast_dtype, autocast_enabled):  # exactly the forward's
-            u = MambaInnerFunction.conv_output(conv, x, conv_weight, conv_bias, mask)
-            delta = F.linear(dt_low_rank, dt_proj_weight).transpose(1, 2)
+            u = MambaInnerFunction.conv_output(conv, x, conv_weight, conv_bias, mask, slot="u")
+            delta = step_projection(dt_low_rank, dt_proj_weight, slot="delta")
         if grad_out is None:  # only C has a gradient: the scan still sends one into B
             grad_out = torch.zeros(u.shape, dtype=u.dtype, device=u.device)
         with torch.autocast(device, enabled=False):
             grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias = (
-                scan_backward(ctx.scan, u, delta, z, kept, grad_out))
+                scan_backward(ctx.scan, u, delta, z, kept, grad_out,
+                              # grad_delta overwrites delta, which is not needed after the scan
+                              # (see scan_backward): one sequence-long buffer fewer.
+                              workspace_slots=("grad_u", "delta")))
         del delta
         # The products' gradients in the dtype they ran in (autocast's, or the inputs').
         dtype = x_dbl.dtype
@@ -95,9 +114,10 @@ class MambaInnerFunction(torch.autograd.Function):
         if mask is not None:
             grad_u.masked_fill_(~mask.unsqueeze(1), 0.0)
         # Through silu and the conv: the pre-activation recomputed (cheaper than keeping it past
-        # the scan's backward), its gradient in its own buffer.
-        grad_pre = _DepthwiseConv1d.silu_backward_(conv.pre_activation(x, conv_weight, conv_bias),
-                                                   grad_u)
+        # the scan's backward), its gradient in its own buffer. u and delta are dead by now:
+        # their slots take the pre-activation and its sigmoid.
+        pre_activation = conv.pre_activation(x, conv_weight, conv_bias, slot="u")
+        grad_pre = _DepthwiseConv1d.silu_backward_(pre_activation, grad_u, sigmoid_slot="delta")
         del grad_u
         grad_x, grad_conv_weight, grad_conv_bias = conv.gradients(x, conv_weight, grad_pre)
         return (grad_x, grad_z, grad_conv_weight.to(conv_weight.dtype),
@@ -107,14 +127,30 @@ class MambaInnerFunction(torch.autograd.Function):
                 None, None)
 
 
-def selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank: int):
+def selective_projections(u, x_proj_weight, dt_proj_weight, dt_rank: int, delta_slot=None):
     """The input-dependent ("selective") parts of Mamba from the conv output u (batch, dim, length):
     x_proj's output x_dbl (batch, length, dt_rank + 2 state), the step delta (batch, dim, length;
-    dt_proj without its bias, which the scan adds) and B, C (batch, state, length, contiguous)."""
+    dt_proj without its bias, which the scan adds; see `step_projection` for `delta_slot`) and
+    B, C (batch, state, length, contiguous)."""
     x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)
-    delta = F.linear(x_dbl[..., :dt_rank], dt_proj_weight).transpose(1, 2)
+    delta = step_projection(x_dbl[..., :dt_rank], dt_proj_weight, delta_slot)
     B, C = (part.transpose(1, 2).contiguous() for part in x_dbl[..., dt_rank:].chunk(2, dim=-1))
     return x_dbl, delta, B, C
+
+
+def step_projection(dt_low_rank, dt_proj_weight, slot=None):
+    """delta = dt_proj(dt_low_rank) without its bias, (batch, dim, length) as a transposed view of
+    (batch, length, dim). With `slot`, on the CPU outside autocast, into that workspace slot (the
+    same product as F.linear's, which runs this mm; autocast has no out= form, so it allocates)."""
+    device = dt_low_rank.device.type
+    if (slot is None or device != "cpu" or torch.is_autocast_enabled(device)
+            or dt_low_rank.dtype != dt_proj_weight.dtype):
+        return F.linear(dt_low_rank, dt_proj_weight).transpose(1, 2)
+    batch, length, _ = dt_low_rank.shape
+    delta = workspace.take(slot, (batch, length, dt_proj_weight.shape[0]), dt_low_rank.dtype,
+                           dt_low_rank.device)
+    torch.mm(dt_low_rank.flatten(0, 1), dt_proj_weight.t(), out=delta.view(batch * length, -1))
+    return delta.transpose(1, 2)
 
 
 def _weight_gradient(grad_output, input):

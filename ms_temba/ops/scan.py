@@ -35,6 +35,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ms_temba.ops import workspace
+
 
 def num_groups(B_or_C: torch.Tensor) -> int:
     """The number of groups of B or C: (batch, state, length) is one, (batch, groups, state, length) `groups`."""
@@ -122,16 +124,25 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, c
     return out.to(u.dtype), last_state, (delta_bias, D, A_t, B_t, C_t, states[:-1]), info
 
 
-def scan_backward(info: _ScanInfo, u, delta, z, kept, grad_out):
+def scan_backward(info: _ScanInfo, u, delta, z, kept, grad_out, workspace_slots=None):
     """The gradients of a `scan_forward` call, given its u, delta, z and kept tensors: those of
-    (u, delta, A, B, C, D, z, delta_bias), None for a D, z or delta_bias it was not given."""
+    (u, delta, A, B, C, D, z, delta_bias), None for a D, z or delta_bias it was not given.
+    workspace_slots: optional names of two `ms_temba.ops.workspace` slots that the C++ recurrence
+    writes grad_u and grad_delta into, for a caller that uses them only until it returns (the
+    eager path allocates its own). grad_delta's may be the slot that holds delta: the C++ reads
+    every (channel, time step) of delta before it writes the same one of grad_delta."""
     delta_bias, D, A_t, B_t, C_t, initial_states = kept
     shape, dtype = info.shape, A_t.dtype
     if info.extension is not None:
+        grad_u_out = grad_delta_out = None
+        if workspace_slots is not None:
+            grad_u_out, grad_delta_out = (workspace.take_time_major(slot, u.shape, dtype, u.device)
+                                          for slot in workspace_slots)
         grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
             info.extension.backward(u.to(dtype), delta.to(dtype), _cast(z, dtype), delta_bias, D,
                                     A_t, B_t, C_t, info.delta_softplus, shape.reverse,
-                                    grad_out.to(dtype), initial_states, info.chunk_length))
+                                    grad_out.to(dtype), initial_states, info.chunk_length,
+                                    grad_u_out, grad_delta_out))
     else:
         grad_u, grad_delta, grad_z, grad_A, grad_B, grad_C, grad_D, grad_delta_bias = (
             _backward_eager(shape, u, delta, z, delta_bias, D, A_t, B_t, C_t,
