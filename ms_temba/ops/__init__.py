@@ -24,7 +24,10 @@ The package:
   * `cpu_extension`: the build of that C++ recurrence (`ms_temba/csrc/selective_scan_cpu.cpp`);
   * `conv`: the depthwise conv with a fast CPU backward (the TLM's conv, causal_conv1d's CPU path);
   * `reference`: `selective_scan_ref` and `causal_conv1d_ref`, the definitions as plain float64
-    loops, against which the tests check every path and the benchmarks time the per-step loop.
+    loops, against which the tests check every path and the benchmarks time the per-step loop;
+  * `workspace`: the CPU buffers that `mamba_direction` reuses across calls for its sequence-long
+    temporaries, so that long sequences do not page-fault fresh memory on every call
+    (`release_workspace()` frees them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ms_temba.ops.cpu_extension import build_cpu_scan_extension
 from ms_temba.ops.mamba_inner import MambaInnerFunction, selective_projections
 from ms_temba.ops.reference import ACTIVATIONS, causal_conv1d_ref, selective_scan_ref
 from ms_temba.ops.scan import SelectiveScanFunction, num_groups
+from ms_temba.ops.workspace import release_workspace
 
 __all__ = [
     "CPU_SCAN_EXTENSION",
@@ -50,6 +54,7 @@ __all__ = [
     "causal_conv1d_ref",
     "depthwise_conv1d",
     "mamba_direction",
+    "release_workspace",
     "selective_scan",
     "selective_scan_ref",
 ]
