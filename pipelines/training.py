@@ -403,6 +403,9 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
         write_csv(log_path, history, LOG_COLUMNS)
 
     if recipe.distributed:
+        # DDP's reducer holds the process group: let it go first, rather than tearing the group
+        # down under it (a rank once aborted at this point in CI under load).
+        del trained
         torch.distributed.destroy_process_group()
     if not ranks.writer:
         return None
