@@ -84,9 +84,8 @@ class _DepthwiseConv1d(torch.autograd.Function):
         batch, dim, _ = x.shape
         time_major = x.stride(1) == 1 and dim > 1
         if slot is not None:
-            if time_major:
-                return workspace.take(slot, (batch, length, dim), x.dtype, x.device).transpose(1, 2)
-            return workspace.take(slot, (batch, dim, length), x.dtype, x.device)
+            take = workspace.take_time_major if time_major else workspace.take
+            return take(slot, (batch, dim, length), x.dtype, x.device)
         if time_major:
             return x.new_empty_strided((batch, dim, length), (length * dim, 1, dim))
         return x.new_empty(batch, dim, length)
