@@ -1,6 +1,6 @@
 """The MS-Temba training objective (arXiv 2501.06138, Sec. 3 and the official release).
 
-    loss = bce + beta * block_bce + alpha * consistency
+    loss = bce + beta * block_bce + alpha * consistency + smoothing * smooth
 
 bce          multi-label binary cross-entropy of the fused prediction `output.logits`, summed over
              the real frames and the classes and divided by the number of real frames (the
@@ -11,6 +11,11 @@ consistency  for each block k with several DTS branches, 1 - cosine similarity b
              (sub_length, 2 * d_state); averaged over branch pairs and samples, summed over blocks.
              The branches of block k see interleaved frames of the same video, so their output
              projections C should agree: the term ties the k branches to one temporal model.
+smooth       MS-TCN's truncated temporal smoothing of the fused prediction (`temporal_smoothing`).
+             Not in the paper (the release's weight is 0); our default recipe uses it because an
+             action whose middle shows nothing is found by carrying its boundaries' evidence
+             across that middle, and the term makes a prediction that flickers off there cost
+             something (docs/accuracy.md).
 
 Padding: only real frames (mask True) enter the BCE terms; they are selected by indexing, so
 whatever the model outputs at padded frames (even NaN) does not reach the loss or its gradient.
@@ -26,13 +31,13 @@ import torch.nn.functional as F
 from ms_temba.model import check_padding_mask
 
 __all__ = ["model_loss", "ms_temba_loss", "mstct_loss", "mstcn_loss", "frame_bce_loss", "masked_bce",
-           "branch_consistency", "action_heatmap", "heatmap_focal_loss"]
+           "branch_consistency", "temporal_smoothing", "action_heatmap", "heatmap_focal_loss"]
 
 
 def model_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None, *,
-               beta: float = 0.3, alpha: float = 100.0) -> dict[str, torch.Tensor]:
+               beta: float = 0.3, alpha: float = 100.0, smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """The training objective of whichever model produced `output`, each model its own loss:
-    MS-Temba's (`ms_temba_loss`, with beta and alpha), MS-TCT's (`mstct_loss`), MS-TCN's
+    MS-Temba's (`ms_temba_loss`, with beta, alpha and smoothing), MS-TCT's (`mstct_loss`), MS-TCN's
     (`mstcn_loss`), and plain BCE for a per-frame model. Always has "loss" and "bce" (the BCE of the
     final prediction), plus each loss's own terms."""
     from ms_temba.mlp import FrameOutput
@@ -41,7 +46,7 @@ def model_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None, 
     from ms_temba.mstct import MSTCTOutput
 
     if isinstance(output, MSTembaOutput):
-        return ms_temba_loss(output, targets, mask, beta=beta, alpha=alpha)
+        return ms_temba_loss(output, targets, mask, beta=beta, alpha=alpha, smoothing=smoothing)
     if isinstance(output, MSTCTOutput):
         return mstct_loss(output, targets, mask)
     if isinstance(output, MSTCNOutput):
@@ -59,7 +64,7 @@ def frame_bce_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = No
 
 
 def ms_temba_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None,
-                  beta: float = 0.3, alpha: float = 100.0) -> dict[str, torch.Tensor]:
+                  beta: float = 0.3, alpha: float = 100.0, smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """The MS-Temba loss of one batch.
 
     Args:
@@ -70,10 +75,11 @@ def ms_temba_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = Non
             else all frames are real.
         beta: weight of the per-block BCE terms.
         alpha: weight of the branch-consistency term.
+        smoothing: weight of the temporal smoothing of the fused prediction (0: not computed).
 
     Returns:
-        {"loss": the total (differentiable), "bce", "block_bce", "consistency"}: scalar tensors,
-        the three unweighted terms alongside the total.
+        {"loss": the total (differentiable), "bce", "block_bce", "consistency"}, and "smoothing"
+        when its weight is not 0: scalar tensors, the unweighted terms alongside the total.
     """
     logits = output.logits
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
@@ -101,7 +107,11 @@ def ms_temba_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = Non
         consistency = consistency + branch_consistency(c, block=k)
 
     loss = bce + beta * block_bce + alpha * consistency
-    return {"loss": loss, "bce": bce, "block_bce": block_bce, "consistency": consistency}
+    terms = {"bce": bce, "block_bce": block_bce, "consistency": consistency}
+    if smoothing:
+        terms["smoothing"] = temporal_smoothing(logits, mask)
+        loss = loss + smoothing * terms["smoothing"]
+    return {"loss": loss, **terms}
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,21 @@ def branch_consistency(c: torch.Tensor, block: int | None = None) -> torch.Tenso
     # (batch, pairs): cosine between branch first[p] and branch second[p] of every sample.
     cosine = F.cosine_similarity(flat[:, first], flat[:, second], dim=-1)
     return (1.0 - cosine).mean()
+
+
+def temporal_smoothing(logits: torch.Tensor, mask: torch.Tensor, clamp: float = 4.0) -> torch.Tensor:
+    """MS-TCN's truncated MSE (Farha & Gall 2019, Eq. 4-5), with a sigmoid per class for
+    multi-label data: the mean over pairs of neighbouring real frames and over the classes of
+    min(|log sigmoid(l_t) - log sigmoid(l_{t-1})|, clamp)^2, the previous frame's value detached as
+    in the paper's code. 0 when no two neighbouring frames are real.
+
+    logits: (batch, time, classes); mask: (batch, time) bool, True = real frame."""
+    pairs = mask[:, 1:] & mask[:, :-1]
+    if not pairs.any():
+        return logits.new_zeros(())
+    log_p = F.logsigmoid(logits)
+    step = (log_p[:, 1:] - log_p[:, :-1].detach()).abs().clamp(max=clamp) ** 2
+    return step[pairs].mean()
 
 
 def _check_mask(mask, logits: torch.Tensor) -> torch.Tensor:
@@ -179,19 +204,13 @@ def mstcn_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = None,
     class for multi-label data):
 
         loss = sum_s bce(stage_s) + smooth_weight * T-MSE(stage_s)
-        T-MSE = mean over real neighbouring frames and classes of
-                min(|log sigmoid(l_t) - log sigmoid(l_{t-1})|, smooth_clamp)^2,
-                the previous frame's value detached as in the paper's code.
+        T-MSE = temporal_smoothing(stage_s, mask, smooth_clamp)
     """
     mask, targets = _checked(output, targets, mask)
-    pairs = mask[:, 1:] & mask[:, :-1]
     bce = smooth = output.logits.new_zeros(())
     for logits in output.stage_logits:
         bce = bce + masked_bce(logits, targets, mask)
-        if pairs.any():
-            log_p = F.logsigmoid(logits)
-            step = (log_p[:, 1:] - log_p[:, :-1].detach()).abs().clamp(max=smooth_clamp) ** 2
-            smooth = smooth + step[pairs].mean()
+        smooth = smooth + temporal_smoothing(logits, mask, smooth_clamp)
     final_bce = masked_bce(output.logits, targets, mask)
     return {"loss": bce + smooth_weight * smooth, "bce": final_bce, "stage_bce": bce, "smoothing": smooth}
 

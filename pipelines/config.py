@@ -157,6 +157,7 @@ class TrainParams:
     seed: int = 0
     beta: float = 0.3
     alpha: float = 100.0
+    smoothing: float = 0.0  # MS-Temba's temporal smoothing term (ms_temba.losses.temporal_smoothing)
     max_grad_norm: float | None = None
     # Validate and keep an exponential moving average of the weights (decay per optimizer step)
     # instead of the raw weights; null = the raw weights.
@@ -184,7 +185,7 @@ class TrainParams:
         _require(self.num_workers >= 0, "train.num_workers", f"must be >= 0, got {self.num_workers}")
         _require_choice("train.precision", self.precision, PRECISIONS)
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        for key in ("weight_decay", "beta", "alpha"):
+        for key in ("weight_decay", "beta", "alpha", "smoothing"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs",
                  f"must be in [0, train.epochs={self.epochs}), got {self.warmup_epochs}")

@@ -355,7 +355,7 @@ def train(params: PipelineParams, manifest_path: str | Path, shards_dir: str | P
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 output = trained(batch.features.to(device, non_blocking=True), mask)
                 losses = model_loss(output, batch.labels.to(device, non_blocking=True), mask,
-                                    beta=recipe.beta, alpha=recipe.alpha)
+                                    beta=recipe.beta, alpha=recipe.alpha, smoothing=recipe.smoothing)
             optimizer.zero_grad(set_to_none=True)
             weight = distributed_weight(batch.share, ranks.world_size)  # 1 in one process
             scaler.scale(losses["loss"] * weight).backward()

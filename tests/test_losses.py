@@ -99,6 +99,44 @@ def test_weights_beta_alpha_scale_their_terms():
     assert weighted["loss"].item() == pytest.approx(expected.item(), rel=1e-12)
 
 
+def reference_smoothing(logits, mask, clamp=4.0):
+    """MS-TCN's truncated MSE written out: every pair of neighbouring real frames, every class."""
+    values = []
+    for b in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            if mask[b, t] and mask[b, t - 1]:
+                for c in range(logits.shape[2]):
+                    step = math.log(1 / (1 + math.exp(-logits[b, t, c].item()))) \
+                        - math.log(1 / (1 + math.exp(-logits[b, t - 1, c].item())))
+                    values.append(min(abs(step), clamp) ** 2)
+    return sum(values) / len(values)
+
+
+def test_smoothing_term_matches_a_float64_loop_and_is_off_by_default():
+    output, targets = make_batch(seed=2)
+    output.logits = output.logits * 3  # some steps beyond the clamp of 4
+    plain = ms_temba_loss(output, targets, beta=0.3, alpha=2.0)
+    assert "smoothing" not in plain
+    smoothed = ms_temba_loss(output, targets, beta=0.3, alpha=2.0, smoothing=0.7)
+    expected = reference_smoothing(output.logits, output.mask)
+    assert smoothed["smoothing"].item() == pytest.approx(expected, rel=1e-10)
+    assert smoothed["loss"].item() == pytest.approx(plain["loss"].item() + 0.7 * expected, rel=1e-10)
+
+
+def test_smoothing_gradient_flows_only_to_the_later_frame_of_each_pair():
+    # Two real frames and one padded: the earlier frame's value is detached (MS-TCN's code), so only
+    # frame 1 gets the smoothing gradient, and the padded frame none.
+    logits = torch.tensor([[[0.0], [2.0], [9.0]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    output = FakeOutput(logits, [], [], mask)
+    terms = ms_temba_loss(output, torch.zeros(1, 3, 1, dtype=torch.float64), beta=0, alpha=0, smoothing=1.0)
+    terms["smoothing"].backward()
+    step = F.logsigmoid(torch.tensor(2.0, dtype=torch.float64)) - F.logsigmoid(torch.tensor(0.0, dtype=torch.float64))
+    expected = 2 * step * torch.sigmoid(torch.tensor(-2.0, dtype=torch.float64))  # d/dl log sigmoid(l) = sigmoid(-l)
+    torch.testing.assert_close(logits.grad[0, :, 0], torch.stack([torch.zeros((), dtype=torch.float64), expected,
+                                                                  torch.zeros((), dtype=torch.float64)]))
+
+
 def test_single_branch_blocks_have_no_consistency_term():
     output, targets = make_batch(blocks=1)
     assert ms_temba_loss(output, targets)["consistency"].item() == 0.0
