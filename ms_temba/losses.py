@@ -11,11 +11,11 @@ consistency  for each block k with several DTS branches, 1 - cosine similarity b
              (sub_length, 2 * d_state); averaged over branch pairs and samples, summed over blocks.
              The branches of block k see interleaved frames of the same video, so their output
              projections C should agree: the term ties the k branches to one temporal model.
-smooth       MS-TCN's truncated temporal smoothing of the fused prediction (`temporal_smoothing`).
-             Not in the paper (the release's weight is 0); our default recipe uses it because an
-             action whose middle shows nothing is found by carrying its boundaries' evidence
-             across that middle, and the term makes a prediction that flickers off there cost
-             something (docs/accuracy.md).
+smooth       MS-TCN's truncated temporal smoothing of the fused prediction (`temporal_smoothing`),
+             summed over the classes like the BCE terms (MS-TCN averages over them), so that one
+             weight means the same for 17 classes and for 157. Not in the paper (the release's
+             weight is 0); our default recipe uses it: it lifted the classes whose middle shows
+             nothing, which the model must carry across from their boundaries (docs/accuracy.md).
 
 Padding: only real frames (mask True) enter the BCE terms; they are selected by indexing, so
 whatever the model outputs at padded frames (even NaN) does not reach the loss or its gradient.
@@ -75,7 +75,8 @@ def ms_temba_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = Non
             else all frames are real.
         beta: weight of the per-block BCE terms.
         alpha: weight of the branch-consistency term.
-        smoothing: weight of the temporal smoothing of the fused prediction (0: not computed).
+        smoothing: weight of the temporal smoothing of the fused prediction, summed over the
+            classes (0: not computed).
 
     Returns:
         {"loss": the total (differentiable), "bce", "block_bce", "consistency"}, and "smoothing"
@@ -109,7 +110,7 @@ def ms_temba_loss(output, targets: torch.Tensor, mask: torch.Tensor | None = Non
     loss = bce + beta * block_bce + alpha * consistency
     terms = {"bce": bce, "block_bce": block_bce, "consistency": consistency}
     if smoothing:
-        terms["smoothing"] = temporal_smoothing(logits, mask)
+        terms["smoothing"] = temporal_smoothing(logits, mask) * logits.shape[-1]
         loss = loss + smoothing * terms["smoothing"]
     return {"loss": loss, **terms}
 

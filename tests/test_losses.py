@@ -100,7 +100,8 @@ def test_weights_beta_alpha_scale_their_terms():
 
 
 def reference_smoothing(logits, mask, clamp=4.0):
-    """MS-TCN's truncated MSE written out: every pair of neighbouring real frames, every class."""
+    """MS-TCN's truncated MSE written out: the mean over every pair of neighbouring real frames
+    and every class."""
     values = []
     for b in range(logits.shape[0]):
         for t in range(1, logits.shape[1]):
@@ -118,7 +119,7 @@ def test_smoothing_term_matches_a_float64_loop_and_is_off_by_default():
     plain = ms_temba_loss(output, targets, beta=0.3, alpha=2.0)
     assert "smoothing" not in plain
     smoothed = ms_temba_loss(output, targets, beta=0.3, alpha=2.0, smoothing=0.7)
-    expected = reference_smoothing(output.logits, output.mask)
+    expected = reference_smoothing(output.logits, output.mask) * output.logits.shape[-1]  # summed over classes
     assert smoothed["smoothing"].item() == pytest.approx(expected, rel=1e-10)
     assert smoothed["loss"].item() == pytest.approx(plain["loss"].item() + 0.7 * expected, rel=1e-10)
 
