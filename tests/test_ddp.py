@@ -94,8 +94,9 @@ def data(tmp_path_factory):
         f"dataset.npy_hop_s={HOP_S}", f"train.epochs={EPOCHS}", "train.warmup_epochs=1", "train.batch_size=4",
         "train.num_clips=28", "train.val_fraction=0.25", "train.beta=0.3", "train.num_threads=1",
         # Only the frame-normalised terms are exact across ranks with unequal frames per sample
-        # (pipelines.training.distributed_weight); the consistency term is a mean over samples.
-        "train.alpha=0"])
+        # (pipelines.training.distributed_weight); the consistency term is a mean over samples, the
+        # smoothing term one over pairs of neighbouring frames.
+        "train.alpha=0", "train.smoothing=0"])
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     manifest_stage.main(["--params", str(root / "params.yaml"), "--out", str(root / "manifest.parquet"),
                          "--report", str(root / "report.json")])
